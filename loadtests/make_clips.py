@@ -1,0 +1,39 @@
+"""Regenerate the small bundled clips in loadtests/clips/ (formats, rates, lengths, channels
+that the ESC-50 clips don't cover). Run: .venv/bin/python loadtests/make_clips.py"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+CLIPS = Path(__file__).resolve().parent / "clips"
+# name, seconds, sample rate, channels, soundfile subtype
+SPECS = [
+    ("tone-1s-8k.flac", 1, 8000, 1, "PCM_16"),
+    ("tone-3s-22k.flac", 3, 22050, 1, "PCM_16"),
+    ("tone-8s-16k.ogg", 8, 16000, 1, "VORBIS"),
+    ("tone-12s-32k-stereo.ogg", 12, 32000, 2, "VORBIS"),
+]
+
+
+def tone(seconds: float, sr: int, channels: int, f0: float = 440.0) -> np.ndarray:
+    """Two tones under a slow tremolo with a trace of noise: decodes like audio, stays small."""
+    t = np.arange(int(seconds * sr)) / sr
+    x = 0.3 * np.sin(2 * np.pi * f0 * t) * (0.6 + 0.4 * np.sin(np.pi * t))
+    x += 0.1 * np.sin(2 * np.pi * 1.5 * f0 * t)
+    x += 0.0005 * np.random.default_rng(0).standard_normal(t.size)
+    x = x.astype(np.float32)
+    return np.stack([x, np.roll(x, 100)], axis=1) if channels == 2 else x
+
+
+def main() -> None:
+    CLIPS.mkdir(exist_ok=True)
+    for name, seconds, sr, channels, subtype in SPECS:
+        sf.write(CLIPS / name, tone(seconds, sr, channels), sr, subtype=subtype)
+        print(f"{name}: {(CLIPS / name).stat().st_size // 1024} KiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Response bodies (pydantic), with the examples shown in the OpenAPI schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int = Field(description="class index in the model's label list")
+    probability: float = Field(description="softmax probability, averaged over windows")
+
+
+class TimelineEntry(BaseModel):
+    start_s: float
+    end_s: float
+    label: str = Field(description="top label of this window")
+    index: int
+    probability: float
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    variant: str
+
+
+_EXAMPLE: dict[str, Any] = {
+    "model": {"name": "esc50-resnet34", "version": "1", "variant": "int8"},
+    "predictions": [
+        {"label": "dog", "index": 0, "probability": 0.91},
+        {"label": "wind", "index": 16, "probability": 0.03},
+    ],
+    "duration_s": 7.5,
+    "sample_rate": 48000,
+    "channels": 2,
+    "format": "WAV/PCM_16",
+    "windows": 2,
+    "timeline": [
+        {"start_s": 0.0, "end_s": 5.0, "label": "dog", "index": 0, "probability": 0.95},
+        {"start_s": 2.5, "end_s": 7.5, "label": "dog", "index": 0, "probability": 0.87},
+    ],
+}
+
+
+class ClassifyResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [_EXAMPLE]}, protected_namespaces=())
+
+    model: ModelRef
+    predictions: list[Prediction] = Field(description="top-k, most probable first")
+    duration_s: float = Field(description="input duration")
+    sample_rate: int = Field(description="input sample rate (resampled to the model's rate)")
+    channels: int = Field(description="input channels (downmixed to mono)")
+    format: str = Field(description="container/encoding libsndfile recognised")
+    windows: int = Field(description="5 s windows scored; probabilities are their mean")
+    timeline: list[TimelineEntry] | None = Field(None, description="per window, when windows > 1")
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    version: str
+    variant: str
+    labels: list[str]
+    sample_rate: int
+    clip_samples: int
+    frontend: dict[str, Any]
+    backend: str
+    provider: str
+    max_batch_size: int
+    metrics: dict[str, Any] = Field(
+        default_factory=dict, description="evaluation recorded at export"
+    )
+
+
+class ModelList(BaseModel):
+    models: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Status(BaseModel):
+    status: str

@@ -1,0 +1,90 @@
+"""Loading ESC-50 clips: real ones when present, generated ones always; errors name the problem."""
+
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+from synth import tone
+
+from train import data as D
+from train.frontend import CLIP_SAMPLES
+
+
+def test_real_clips_load_in_every_format(esc50_root):
+    sel = D.select(esc50_root, folds=[1, 4])
+    suffixes = {c.path.suffix for c in sel.clips}
+    assert suffixes >= {".flac", ".ogg"}  # both formats of the partial copy
+    for suffix in sorted(suffixes):
+        clip = next(c for c in sel.clips if c.path.suffix == suffix)
+        x = D.load_clip(clip.path)
+        assert x.shape == (CLIP_SAMPLES,) and x.dtype == np.float32
+        assert np.isfinite(x).all() and np.abs(x).max() > 0
+
+
+def test_real_partial_copy_counts_missing(esc50_root):
+    sel = D.select(esc50_root)
+    assert len(sel.clips) == 651 and len(sel.labels) == 50
+    assert len(sel.missing) == 2000 - 651  # fold 5 and most of folds 1-3 are not in the copy
+    esc10 = D.select(esc50_root, folds=[1, 2, 3, 4], esc10=True)
+    assert len(esc10.clips) == 320 and {c.target for c in esc10.clips} == {
+        0, 1, 10, 11, 12, 20, 21, 38, 40, 41}  # fmt: skip
+
+
+def test_synthetic_selection_and_labels(synthetic_esc50):
+    sel = D.select(synthetic_esc50)
+    assert len(sel.clips) == 12 and sel.labels == ["dog", "rain", "siren"]
+    assert {c.path.suffix for c in sel.clips} == {".wav", ".flac", ".ogg"}
+    assert len(D.select(synthetic_esc50, folds=[1]).clips) == 6
+
+
+def test_resample_downmix_cut_and_pad(tmp_path):
+    stereo48 = np.stack([tone(440, 7.0, sr=48000), tone(440, 7.0, sr=48000)], axis=1)
+    sf.write(tmp_path / "long.wav", stereo48, 48000)
+    sf.write(tmp_path / "short.flac", tone(440, 1.0, sr=8000), 8000)
+    long_ = D.load_clip(tmp_path / "long.wav")
+    short = D.load_clip(tmp_path / "short.flac")
+    assert long_.shape == short.shape == (CLIP_SAMPLES,)
+    assert np.abs(short[44100 + 100 :]).max() == 0  # 1 s of audio, then zero padding
+    spectrum = np.abs(np.fft.rfft(long_[:44100]))
+    assert abs(np.argmax(spectrum) - 440) <= 1  # still 440 Hz after 48 kHz -> 44.1 kHz
+
+
+def test_missing_clips_are_counted_not_fatal(synthetic_esc50, tmp_path):
+    root = tmp_path / "partial"
+    shutil.copytree(synthetic_esc50, root)
+    victims = sorted((root / "audio").iterdir())[:3]
+    for p in victims:
+        p.unlink()
+    sel = D.select(root)
+    assert len(sel.clips) == 9
+    assert sorted(sel.missing) == sorted(p.stem for p in victims)
+
+
+def test_clear_errors(synthetic_esc50, tmp_path):
+    with pytest.raises(D.DataError, match="does not exist"):
+        D.select(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(D.DataError, match="esc50.csv not found"):
+        D.select(tmp_path / "empty")
+    with pytest.raises(D.DataError, match="no clips selected"):
+        D.select(synthetic_esc50, folds=[5])
+    bad = tmp_path / "1-1-A-0.wav"
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    with pytest.raises(D.DataError, match="1-1-A-0.wav"):
+        D.load_clip(bad)
+
+
+def test_holdout_split_keeps_sources_together_and_covers_classes(synthetic_esc50):
+    clips = D.select(synthetic_esc50).clips
+    train, val = D.split_holdout(clips, 0.25, seed=0)
+    assert len(train) + len(val) == len(clips)
+    assert {c.src_file for c in train}.isdisjoint({c.src_file for c in val})
+    assert {c.target for c in val} == {0, 1, 2}
+    assert D.split_holdout(clips, 0.25, seed=0) == (train, val)  # deterministic
+
+
+def test_real_holdout_has_no_source_leakage(esc50_root):
+    train, val = D.split_holdout(D.select(esc50_root).clips, 0.2, seed=0)
+    assert {c.src_file for c in train}.isdisjoint({c.src_file for c in val})
+    assert 0.15 < len(val) / (len(train) + len(val)) < 0.25

@@ -1,0 +1,149 @@
+"""`python -m train [options]` trains; `python -m train {download,evaluate,release} ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+from .data import DataError
+from .model import ModelConfig
+from .train import TrainConfig, train
+
+
+def _parse_folds(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def train_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m train", description="Train the ESC-50 model.")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        if f.name in ("model", "folds", "esc10", "resume", "amp"):
+            continue
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
+                       default=getattr(defaults, f.name))  # fmt: skip
+    p.add_argument("--folds", type=_parse_folds, default=None, help="e.g. 1,2,3,4 (default all)")
+    p.add_argument("--esc10", action="store_true", help="use the ESC-10 subset only")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
+    p.add_argument("--widths", type=_parse_folds, default=None, help="CNN stage widths, e.g. 8,16")
+    p.add_argument("--depths", type=_parse_folds, default=None, help="blocks per stage, e.g. 1,1")
+    args = vars(p.parse_args(argv))
+    widths, depths = args.pop("widths"), args.pop("depths")
+    model = ModelConfig()
+    if widths or depths:
+        model = replace(model, widths=tuple(widths or model.widths),
+                        depths=tuple(depths or model.depths))  # fmt: skip
+    cfg = TrainConfig(**args, model=model)
+    try:
+        train(cfg)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def download_main(argv: list[str]) -> int:
+    from .download import DEFAULT_URL, DownloadError, download_esc50
+
+    p = argparse.ArgumentParser(
+        prog="python -m train download", description="Fetch and verify the official ESC-50 archive."
+    )
+    p.add_argument("--dest", default="data/esc50", help="where meta/ and audio/ will be")
+    p.add_argument("--url", default=DEFAULT_URL)
+    p.add_argument("--sha256", default=None, help="expected sha256 of the archive (optional)")
+    args = p.parse_args(argv)
+    try:
+        info = download_esc50(args.dest, args.url, args.sha256)
+    except DownloadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def evaluate_main(argv: list[str]) -> int:
+    import numpy as np
+
+    from . import data as D
+    from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from .evaluate import classification_metrics, predict, write_report
+
+    p = argparse.ArgumentParser(
+        prog="python -m train evaluate", description="Evaluate a checkpoint on labelled clips."
+    )
+    p.add_argument("checkpoint")
+    p.add_argument("--data-root", default="../shared/esc50")
+    p.add_argument("--folds", type=_parse_folds, default=None)
+    p.add_argument("--esc10", action="store_true")
+    p.add_argument("--out-dir", default="reports")
+    p.add_argument("--name", default="evaluation")
+    args = p.parse_args(argv)
+    try:
+        ckpt = load_checkpoint(args.checkpoint)
+        sel = D.select(args.data_root, args.folds, args.esc10)
+    except (CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model = model_from_checkpoint(ckpt)
+    logits = predict(model, D.load_waveforms(sel.clips))
+    y = np.array([c.target for c in sel.clips])
+    metrics = classification_metrics(y, logits.argmax(1), ckpt["labels"])
+    paths = write_report(args.out_dir, args.name, metrics, ckpt["labels"],
+                         {"checkpoint": args.checkpoint, **sel.describe()})  # fmt: skip
+    print(json.dumps({"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+                      "n": metrics["n"], **paths}, indent=2))  # fmt: skip
+    return 0
+
+
+def release_main(argv: list[str]) -> int:
+    from .checkpoint import release_checkpoint
+
+    p = argparse.ArgumentParser(
+        prog="python -m train release", description="Strip optimizer state, store FP16 weights."
+    )
+    p.add_argument("src")
+    p.add_argument("dst")
+    args = p.parse_args(argv)
+    release_checkpoint(args.src, args.dst)
+    return 0
+
+
+def card_main(argv: list[str]) -> int:
+    from .card import render
+
+    p = argparse.ArgumentParser(prog="python -m train card", description="Write a model card.")
+    p.add_argument("checkpoint")
+    p.add_argument("--report", required=True, help="validation.json of the training run")
+    p.add_argument("--command", required=True, help="the training command, as run")
+    p.add_argument("--machine", required=True, help="where it ran")
+    p.add_argument("--notes", default="")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    text = render(args.checkpoint, args.report, args.command, args.machine, args.notes)
+    Path(args.out).write_text(text)
+    return 0
+
+
+COMMANDS = {
+    "card": card_main,
+    "download": download_main,
+    "evaluate": evaluate_main,
+    "release": release_main,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    return train_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
