@@ -7,6 +7,8 @@ DATA ?= ../shared/esc50
 MODEL ?= models/esc50-resnet34
 EPOCHS ?= 24
 TRAIN_ARGS ?=
+VERIFY_CLIPS ?= 160
+BENCH_ARGS ?=
 EXTRAS ?= train,export,serve,loadtest,dev
 
 .PHONY: help install install-serve test test-fast lint train train-smoke train-ddp evaluate \
@@ -31,8 +33,9 @@ test: install  ## run the test suite
 test-fast: ## run the tests without reinstalling
 	$(PY) -m pytest -q -x
 
-lint:  ## ruff
+lint:  ## ruff on everything, mypy on the service
 	$(PY) -m ruff check train export service tests loadtests
+	$(PY) -m mypy service
 
 train:  ## train on $(DATA): held-out validation run (runs/val), then TRAIN_ARGS decide
 	$(PY) -m train --data-root $(DATA) --epochs $(EPOCHS) --out-dir runs/esc50 --resume $(TRAIN_ARGS)
@@ -54,14 +57,14 @@ export:  ## ONNX fp32 / fp16 / int8 from the shipped checkpoint
 export-trt:  ## TensorRT FP16 engine from the fp16 ONNX (needs a GPU + TensorRT)
 	$(PY) -m export tensorrt --onnx $(MODEL).fp16.onnx
 
-verify:  ## parity of every artifact against PyTorch on real clips
-	$(PY) -m export verify --checkpoint $(MODEL).pt --data-root $(DATA)
+verify:  ## parity of every artifact against PyTorch on real clips (held-out ones first)
+	$(PY) -m export verify --checkpoint $(MODEL).pt --data-root $(DATA) --max-clips $(VERIFY_CLIPS)
 
 serve:  ## run the service on 127.0.0.1:8000
 	$(PY) -m service
 
-bench:  ## raw engine vs service end-to-end, fp32 and int8
-	$(PY) -m service.bench
+bench:  ## raw engine vs service end-to-end, fp32 and int8 (BENCH_ARGS)
+	$(PY) -m service.bench $(BENCH_ARGS)
 
 loadtest:  ## Locust, headless, bounded, against a local service
 	bash loadtests/run.sh

@@ -67,7 +67,8 @@ class ArtifactMetadata:
             "clip_samples", "frontend", "model_config", "checkpoint_sha256", "metrics", "data",
             "input_name", "output_name",
         }  # fmt: skip
-        missing = [k for k in ("labels", "sample_rate", "clip_samples", "frontend") if k not in props]
+        required = ("labels", "sample_rate", "clip_samples", "frontend")
+        missing = [k for k in required if k not in props]
         if missing:
             raise MetadataError(f"artifact metadata lacks {', '.join(missing)}")
         if props.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:

@@ -120,7 +120,7 @@ def run_locust(base: str, tmp_path: Path, seconds: int, *extra: str) -> subproce
 
 @pytest.fixture(scope="module")
 def service_url(tiny_onnx):
-    from test_service_e2e import serve  # the service tests' real-uvicorn helper
+    from servers import serve
 
     from service.settings import Settings
 

@@ -186,7 +186,7 @@ def test_shipped_int8_model_is_batch_invariant(repo_root: Path) -> None:
     (dynamic quantization would break this: its scales are computed over the whole batch)."""
     model = repo_root / "models" / "esc50-resnet34.int8.onnx"
     if not model.is_file():
-        pytest.skip(f"{model} not present yet (shipped model still training)")
+        pytest.skip(f"{model} not present (make export; it is committed with the shipped model)")
     backend = load_backend(Settings(), model)
     rng = np.random.default_rng(2)
     clips = (0.1 * rng.standard_normal((4, backend.metadata.clip_samples))).astype(np.float32)

@@ -7,20 +7,17 @@ import asyncio
 import csv
 import io
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-import uvicorn
+from servers import serve
 
-from service.app import create_app
 from service.audio import MP3_SUPPORTED
 from service.backends import load_backend
 from service.settings import Settings
@@ -30,34 +27,6 @@ TOKEN = "s3cret"
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-@contextmanager
-def serve(settings: Settings, backend_loader=None) -> Iterator[str]:
-    """Run the app under uvicorn in a thread on a free loopback port; yield its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    config = uvicorn.Config(create_app(settings, backend_loader), log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        for _ in range(600):  # up to ~60 s on a loaded machine
-            assert thread.is_alive(), "server failed to start"
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        else:
-            pytest.fail("server never became ready")
-        yield base
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 def audio(seconds: float, sr: int = SR, seed: int = 0, channels: int = 1) -> np.ndarray:
@@ -425,7 +394,7 @@ def test_shipped_model_on_real_esc10_clips(repo_root: Path, esc50_root: Path) ->
     same check is only a sanity check; fewer than 10 classes present is a skip, not a pass."""
     model = repo_root / "models" / "esc50-resnet34.int8.onnx"
     if not model.is_file():
-        pytest.skip(f"{model} not present yet (shipped model still training)")
+        pytest.skip(f"{model} not present (make export; it is committed with the shipped model)")
     settings = Settings(model_path=model, max_batch_size=4)
     rows = list(csv.DictReader((esc50_root / "meta" / "esc50.csv").open()))
     held_out = _held_out_stems(repo_root / "models" / "esc50-resnet34.pt")

@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 
+from train.card import render
 from train.checkpoint import (
     CheckpointError,
     load_checkpoint,
     model_from_checkpoint,
     release_checkpoint,  # fmt: skip
 )
-from train.card import render
 from train.model import count_parameters
 
 TINY = ["--widths", "8,16", "--depths", "1,1"]
