@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     providers: Annotated[list[str], NoDecode] = ["CPUExecutionProvider"]
     intra_op_threads: int = Field(default=0, ge=0)  # ORT threads inside an op; 0 = per core
     inter_op_threads: int = Field(default=1, ge=1)  # ORT threads across ops (sequential: 1)
+    spin: bool = False  # let idle ORT threads busy-wait (lower latency, steals decode CPU)
     device_id: int = Field(default=0, ge=0)  # CUDA device for GPU providers / TensorRT
 
     # --- batching ----------------------------------------------------------------------------

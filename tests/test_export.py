@@ -18,7 +18,7 @@ from export.__main__ import main
 from export.graph import QDQ_OPS, check_fp16_layout, check_int8_layout, frontend_nodes
 from export.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata, read_onnx_metadata
 from export.onnx_export import export_onnx, metadata_from_checkpoint
-from export.quantize import quantize_int8
+from export.quantize import quantize_int8, sensitive_nodes
 from export.trt_runtime import EngineMismatchError, check_engine_compat
 from export.verify import Artifact, Thresholds, verify_artifacts
 from export.verify_cli import torch_runner
@@ -142,6 +142,11 @@ def test_int8_quantises_cnn_not_frontend(tiny_int8, tiny_onnx):
     assert not [n.name for n in front if n.op_type in QDQ_OPS]
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("DequantizeLinear") >= 5  # weights and activations of the CNN
+    # The stem conv and the classifier stay FP32: their weights are plain initializers.
+    inits = {t.name for t in model.graph.initializer}
+    kept = [n for n in model.graph.node if n.name in sensitive_nodes(model)]
+    assert [n.op_type for n in kept] == ["Conv", "Gemm"]
+    assert all(n.input[1] in inits for n in kept)
     meta = read_onnx_metadata(tiny_int8)
     assert meta.variant == "int8" and json.loads(meta.extra["calibration"])["clips"] == 8
     x = waveforms(4, seed=3)

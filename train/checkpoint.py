@@ -51,7 +51,7 @@ def save_checkpoint(
         "frontend_config": model.frontend.cfg.to_dict(),
         "labels": list(labels),
         "state_dict": model.state_dict(),
-        "code_version": code_version(),
+        "code_version": info.pop("code_version", None) or code_version(),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **info,
     }

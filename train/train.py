@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as D
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import code_version, load_checkpoint, save_checkpoint
 from .evaluate import classification_metrics, predict, write_report
 from .frontend import FrontendConfig
 from .model import AudioClassifier, ModelConfig
@@ -201,7 +201,7 @@ def train(cfg: TrainConfig) -> Path:
 
     crop = int(cfg.crop_seconds * model.frontend.cfg.sample_rate) or waves.shape[1]
     use_amp = cfg.amp and device.type == "cuda"
-    info = {"train_config": _jsonable(cfg), "data": data_info}
+    info = {"train_config": _jsonable(cfg), "data": data_info, "code_version": code_version()}
     metrics: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
