@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ from export.quantize import quantize_int8, sensitive_nodes
 from export.trt_runtime import EngineMismatchError, check_engine_compat
 from export.verify import Artifact, Thresholds, verify_artifacts
 from export.verify_cli import torch_runner
-from train.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, save_checkpoint
+from train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
 N = 220500  # clip samples of the default front-end
 
@@ -88,7 +89,7 @@ def test_metadata_round_trip(tiny_onnx, tiny_checkpoint, tiny_meta):
     meta = read_onnx_metadata(tiny_onnx)
     assert meta.variant == "fp32"
     assert meta.labels == load_checkpoint(tiny_checkpoint)["labels"]
-    assert meta.checkpoint_sha256 == file_sha256(tiny_checkpoint)
+    assert meta.checkpoint_sha256 == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
     assert meta.sample_rate == 44100 and meta.clip_samples == N
     assert meta.frontend == tiny_meta.frontend and meta.model_config == tiny_meta.model_config
     assert ArtifactMetadata.from_props(meta.to_props()) == meta

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoint import file_sha256, load_checkpoint, model_from_checkpoint
+from export.files import sha256_file
+
+from .checkpoint import load_checkpoint, model_from_checkpoint
 from .model import count_parameters
 
 LICENCE = """\
@@ -61,7 +63,7 @@ def render(checkpoint: str | Path, report: str | Path, command: str, machine: st
         "",
         f"- parameters: {n_params:,} (CNN; the front-end has none)",
         f"- file: `{Path(checkpoint).name}`, weights stored as "
-        f"{ckpt.get('weights_dtype', 'float32')}, sha256 `{file_sha256(checkpoint)[:16]}...`",
+        f"{ckpt.get('weights_dtype', 'float32')}, sha256 `{sha256_file(checkpoint)[:16]}...`",
         f"- code version: `{ckpt['code_version']}`, saved {ckpt['saved_at']}",
         f"- front-end: {json.dumps(ckpt['frontend_config'])}",
         "",
@@ -76,7 +78,9 @@ def render(checkpoint: str | Path, report: str | Path, command: str, machine: st
         "- the checkpoint is the last epoch of a fixed schedule: no epoch or checkpoint was "
         "picked on the validation clips",
         "",
-        "## Validation (held-out clips, never trained on)",
+        "## Validation (held-out clips, never trained on)"
+        if data["val_clips"]
+        else "## Validation of the recipe (the recipe run's held-out clips)",
         "",
         f"- accuracy **{rep['accuracy']:.3f}**, macro-F1 **{rep['macro_f1']:.3f}** on "
         f"{rep['n']} clips",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import time
 from pathlib import Path
@@ -97,11 +96,3 @@ def release_checkpoint(src: str | Path, dst: str | Path) -> None:
     ckpt["weights_dtype"] = "float16"
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, dst)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
