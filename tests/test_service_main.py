@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,6 +18,7 @@ import pytest
 from export.metadata import MetadataError
 from service.app import create_app
 from service.artifacts import ModelNotFound
+from service.bench import wait_ready
 from service.settings import Settings
 
 
@@ -37,14 +37,7 @@ def test_python_m_service_serves_and_stops_on_sigterm(tiny_onnx: Path, repo_root
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):  # bounded: ~60 s
-            assert proc.poll() is None, "the service exited during startup"
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        wait_ready(base, proc, timeout_s=60)  # SystemExit if it dies or never gets ready
         (card,) = httpx.get(f"{base}/v1/models").json()["models"]
         assert card["name"] == "tiny"
     finally:
