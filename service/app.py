@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.resources
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -12,12 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from export.metadata import MetadataError
+from contract.metadata import MetadataError
 from service.artifacts import ModelNotFound, resolve_model_path
 from service.backends import Backend, BackendUnavailable, load_backend, warmup
 from service.classifier import Classifier
@@ -28,8 +31,9 @@ from service.errors import (
     error_response,
     register_error_handlers,
 )
+from service.explain import Explainer
 from service.metrics import Metrics
-from service.schemas import ClassifyResponse, ErrorResponse, ModelList, Status
+from service.schemas import ClassifyResponse, ErrorResponse, ExplainResponse, ModelList, Status
 from service.settings import Settings
 from service.upload import AUDIO_MEDIA_TYPES, MULTIPART, read_audio_bytes
 
@@ -57,6 +61,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.classifier = classifier
     _publish_model_info(app.state.metrics, classifier, path)
     classifier.start()
+    app.state.explainer = Explainer(settings)  # loads its artifact on the first /v1/explain
     warming = asyncio.create_task(_warm(app, classifier))
     try:
         yield
@@ -64,6 +69,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _set_ready(app, False)
         await asyncio.wait({warming})
         await asyncio.to_thread(classifier.stop)  # drain: queued requests still get answers
+        await asyncio.to_thread(app.state.explainer.close)
         backend.close()
         log.info("stopped")
 
@@ -89,11 +95,23 @@ def _set_ready(app: FastAPI, ready: bool) -> None:
 def _publish_model_info(metrics: Metrics, c: Classifier, path: Path) -> None:
     m = c.meta
     metrics.model_info.info(
-        {"name": m.model_name, "version": m.model_version, "variant": m.variant,
-         "backend": c.backend.name, "provider": c.backend.provider, "path": path.name}
-    )  # fmt: skip
-    log.info("serving %s %s (%s) with %s/%s", m.model_name, m.model_version, m.variant,
-             c.backend.name, c.backend.provider)  # fmt: skip
+        {
+            "name": m.model_name,
+            "version": m.model_version,
+            "variant": m.variant,
+            "backend": c.backend.name,
+            "provider": c.backend.provider,
+            "path": path.name,
+        }
+    )
+    log.info(
+        "serving %s %s (%s) with %s/%s",
+        m.model_name,
+        m.model_version,
+        m.variant,
+        c.backend.name,
+        c.backend.provider,
+    )
 
 
 # --- dependencies ----------------------------------------------------------------------------
@@ -145,12 +163,15 @@ _REQUEST_BODY = {
 _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorResponse, "description": d}
     for s, d in {
-        400: "empty body or malformed multipart", 401: "bearer token missing or wrong",
+        400: "empty body or malformed multipart",
+        401: "bearer token missing or wrong",
         413: "upload over the byte limit, or audio over the duration limit",
-        415: "not decodable audio, or a wrong Content-Type", 422: "NaN/Inf samples or bad query",
-        503: "queue full or not ready (Retry-After)", 504: "deadline passed",
+        415: "not decodable audio, or a wrong Content-Type",
+        422: "NaN/Inf samples or bad query",
+        503: "queue full or not ready (Retry-After)",
+        504: "deadline passed",
     }.items()
-}  # fmt: skip
+}
 
 
 async def classify(
@@ -162,20 +183,92 @@ async def classify(
     settings: Settings = request.app.state.settings
     deadline = time.monotonic() + settings.request_timeout_s
     with request.app.state.metrics.in_flight.track_inprogress():
+        # A place in the queue before the body is read: a refused request (503 + Retry-After)
+        # costs no upload buffering, no decode and no resample.
+        admission = classifier.admit()
+        try:
+            data = await read_audio_bytes(request, settings.max_body_bytes)
+            k = top_k or settings.default_top_k
+            return await classifier.classify(data, k, deadline, request.receive, admission)
+        finally:
+            admission.release()
+
+
+async def explain(
+    request: Request,
+    classifier: ClassifierDep,
+    top_k: Annotated[int | None, Query(ge=1, le=1000, description="how many labels")] = None,
+) -> ExplainResponse:
+    """Classify an audio clip and show why: per window, the log-mel the model saw, each stage's
+    feature maps and the top label's class activation map (fp32 explain artifact, loaded on the
+    first request; up to ESC50_EXPLAIN_MAX_DURATION_S of audio)."""
+    settings: Settings = request.app.state.settings
+    deadline = time.monotonic() + settings.request_timeout_s
+    with request.app.state.metrics.in_flight.track_inprogress():
         data = await read_audio_bytes(request, settings.max_body_bytes)
         k = top_k or settings.default_top_k
-        return await classifier.classify(data, k, deadline, request.receive)
+        return await request.app.state.explainer.explain(classifier, data, k, deadline)
+
+
+_EXPLAIN_503 = "no explain artifact (`make export`), explain queue full, or not ready"
+_EXPLAIN_ERRORS = {**_ERRORS, 503: {"model": ErrorResponse, "description": _EXPLAIN_503}}
 
 
 def build_router() -> APIRouter:
     router = APIRouter()
     for path in ("/v1/classify", "/classify"):
         router.add_api_route(
-            path, classify, methods=["POST"], response_model=ClassifyResponse, tags=["classify"],
-            dependencies=[Depends(check_token)], responses=_ERRORS, openapi_extra=_REQUEST_BODY,
+            path,
+            classify,
+            methods=["POST"],
+            response_model=ClassifyResponse,
+            tags=["classify"],
+            dependencies=[Depends(check_token)],
+            responses=_ERRORS,
+            openapi_extra=_REQUEST_BODY,
             summary="Classify audio" + (" (alias of /v1/classify)" if path == "/classify" else ""),
-        )  # fmt: skip
+        )
+    router.add_api_route(
+        "/v1/explain",
+        explain,
+        methods=["POST"],
+        response_model=ExplainResponse,
+        tags=["explain"],
+        dependencies=[Depends(check_token)],
+        responses=_EXPLAIN_ERRORS,
+        openapi_extra=_REQUEST_BODY,
+        summary="Classify and explain audio",
+    )
     return router
+
+
+# --- the page and the docs (static files shipped in the package; no CDN) ---------------------
+
+STATIC = Path(__file__).resolve().parent / "static"
+pages = APIRouter(include_in_schema=False)
+
+
+@pages.get("/")
+async def page() -> FileResponse:
+    return FileResponse(STATIC / "index.html")
+
+
+@pages.get("/docs")
+async def docs(request: Request) -> HTMLResponse:
+    root = request.scope.get("root_path", "")
+    return get_swagger_ui_html(
+        openapi_url=f"{root}{request.app.openapi_url}",
+        title=f"{request.app.title} - API docs",
+        swagger_js_url=f"{root}/docs-assets/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}/docs-assets/swagger-ui.css",
+        swagger_favicon_url=f"{root}/static/favicon.svg",
+    )
+
+
+def swagger_assets() -> Path:
+    """Swagger UI's JS and CSS as the fastapi-offline package ships them (FastAPI's default
+    /docs loads them from a CDN and renders blank offline)."""
+    return Path(str(importlib.resources.files("fastapi_offline") / "static"))
 
 
 probes = APIRouter(tags=["probes"])
@@ -255,16 +348,23 @@ def create_app(
         title="ESC-50 audio classification",
         version="1",
         lifespan=lifespan,
-        description="Classify environmental sounds (ESC-50's 50 classes) with dynamic batching.",
+        description="Classify environmental sounds (ESC-50's 50 classes) with dynamic batching. "
+        "[The page](/) classifies and explains a clip in the browser.",
+        docs_url=None,  # served by `docs` from local assets
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.backend_loader = backend_loader or load_backend
     app.state.classifier = None
     app.state.ready = False
+    app.state.explainer = None
     register_error_handlers(app)
     app.add_exception_handler(ClientGone, _client_gone)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.include_router(build_router())
     app.include_router(probes)
+    app.include_router(pages)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=swagger_assets()), name="docs-assets")
     return app

@@ -6,11 +6,10 @@ import json
 import logging
 from pathlib import Path
 
+from contract.gpu import GPU_PROVIDERS
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
 
 
 class ModelNotFound(RuntimeError):

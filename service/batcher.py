@@ -4,7 +4,11 @@ The event loop submits a Job (a request's windows) and awaits its future. The wo
 windows from the head of the queue until `max_batch_size` or until `max_wait_s` has passed
 since it started the batch, so one request's windows can span batches and one batch can hold
 windows of many requests. Guarantees:
-  - a full queue is an immediate `Overloaded` (503), never a hang;
+  - a full queue is an immediate `Overloaded` (503), never a hang. Full means `max_queue_size`
+    requests, or an expected wait over `max_queue_wait_s` (the windows ahead times the measured
+    inference time per window), so accepted requests finish well inside their deadline;
+  - `admit()` takes a place in the queue before the upload is read and decoded: a request
+    that would be refused costs no body read, no decode and no resample;
   - jobs whose client went away, or whose deadline passed while queued, are dropped unrun;
   - a backend exception fails exactly the jobs in that batch and the loop carries on;
   - `stop()` stops taking new work and drains what is queued.
@@ -54,6 +58,19 @@ class Job:
 Slice = tuple[Job, int, int]  # (job, first window, end window) inside one batch
 
 
+class Admission:
+    """A place in the queue held while the request's upload is read and decoded."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher: Batcher | None = batcher
+
+    def release(self) -> None:
+        """Give the place back (submitted, or failed before it). Idempotent."""
+        if self._batcher is not None:
+            self._batcher._release()
+            self._batcher = None
+
+
 class Batcher:
     def __init__(
         self,
@@ -62,15 +79,23 @@ class Batcher:
         max_batch_size: int,
         max_wait_s: float,
         max_queue_size: int,
+        max_queue_wait_s: float = float("inf"),
         metrics: Metrics | None = None,
     ) -> None:
         self.predict = predict
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_size = max_queue_size
+        self.max_queue_wait_s = max_queue_wait_s
         self.metrics = metrics or Metrics()
         self._pending: deque[Job] = deque()
         self._pending_windows = 0
+        self._admitted = 0  # requests holding an Admission: upload still being read/decoded
+        self._running = 0  # windows in the batch being inferred now (worker only)
+        # moving averages of inference seconds per window (0: unmeasured), over all batches and
+        # over batches at least half full: a queue drains in full batches, which cost less
+        self._window_s = {"any": 0.0, "full": 0.0}
+        self._windows_per_job = 1.0  # moving average of windows per request
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
@@ -79,20 +104,63 @@ class Batcher:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, windows: np.ndarray, deadline: float) -> Job:
-        """Queue a request's windows. Raises Overloaded at once if the queue is full."""
+    def admit(self) -> Admission:
+        """Hold a place for a request not read yet; Overloaded (503) at once if the queue is
+        full by count or by expected wait. Release it, or pass it to `submit`."""
+        with self._cond:
+            self._refuse_if_full(1)
+            self._admitted += 1
+        return Admission(self)
+
+    def expected_wait_s(self, extra_jobs: int = 0) -> float:
+        """Seconds until a request queued now would start: windows ahead x time per window
+        (lock held). 0 until the first batch has been timed."""
+        ahead = self._pending_windows + self._running
+        unread = (self._admitted + extra_jobs) * self._windows_per_job
+        return (ahead + unread) * (self._window_s["full"] or self._window_s["any"])
+
+    def submit(
+        self, windows: np.ndarray, deadline: float, admission: Admission | None = None
+    ) -> Job:
+        """Queue a request's windows. Without an `admission`, raises Overloaded at once if the
+        queue is full; with one, the place it holds is used."""
         job = Job(windows, deadline)
         with self._cond:
-            if self._stopping:
-                self.metrics.rejected.labels("shutting_down").inc()
-                raise Overloaded("the service is shutting down")
-            if len(self._pending) >= self.max_queue_size:
-                self.metrics.rejected.labels("queue_full").inc()
-                raise Overloaded(f"the inference queue is full ({self.max_queue_size} requests)")
+            if admission is None:
+                self._refuse_if_full(1)
+            elif self._stopping:
+                self._refuse("shutting_down", "the service is shutting down")
             self._pending.append(job)
             self._pending_windows += len(windows)
+            self._windows_per_job += 0.1 * (len(windows) - self._windows_per_job)
+            if admission is not None:  # the place becomes the job (the Condition's lock is an
+                admission.release()  # RLock): never counted twice
             self._cond.notify()
         return job
+
+    def _refuse_if_full(self, newcomers: int) -> None:
+        """Raise Overloaded if `newcomers` more requests would overfill the queue (lock held)."""
+        if self._stopping:
+            self._refuse("shutting_down", "the service is shutting down")
+        if len(self._pending) + self._admitted + newcomers > self.max_queue_size:
+            self._refuse(
+                "queue_full", f"the inference queue is full ({self.max_queue_size} requests)"
+            )
+        wait = self.expected_wait_s(newcomers - 1)
+        if wait > self.max_queue_wait_s:
+            self._refuse(
+                "queue_wait",
+                f"the inference queue is full (expected wait {wait:.1f} s, limit "
+                f"{self.max_queue_wait_s:g} s)",
+            )
+
+    def _refuse(self, reason: str, message: str) -> None:
+        self.metrics.rejected.labels(reason).inc()
+        raise Overloaded(message)
+
+    def _release(self) -> None:
+        with self._cond:
+            self._admitted -= 1
 
     def stop(self, timeout: float) -> None:
         """Refuse new work, finish what is queued (up to `timeout` seconds), stop the thread."""
@@ -166,19 +234,31 @@ class Batcher:
     def _run(self, batch: list[Slice]) -> None:
         try:
             x = np.concatenate([job.windows[a:b] for job, a, b in batch])  # (B, clip)
+            self._running = len(x)
             t0 = time.perf_counter()
             y = self.predict(x)  # (B, C)
-            self.metrics.inference_latency.observe(time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            self.metrics.inference_latency.observe(took)
             if y.ndim != 2 or y.shape[0] != x.shape[0]:
                 raise RuntimeError(f"backend returned {y.shape} for a batch of {x.shape[0]}")
+            self._timed(took / len(x), len(x))
         except Exception:
             log.exception("inference failed on a batch of %d requests", len(batch))
             self.metrics.batch_failures.inc()
             for job, _, _ in batch:  # a failed job's later windows are dropped by _take
                 _fail(job, InferenceFailed("inference failed"))
             return
+        finally:
+            self._running = 0
         self.metrics.batch_size.observe(len(x))
         self._scatter(batch, y)
+
+    def _timed(self, window_s: float, windows: int) -> None:
+        """Fold one batch's seconds per window into the averages the admission uses."""
+        kinds = ["any", "full"] if 2 * windows >= self.max_batch_size else ["any"]
+        for kind in kinds:
+            old = self._window_s[kind]
+            self._window_s[kind] = old + 0.2 * (window_s - old) if old else window_s
 
     def _scatter(self, batch: list[Slice], y: np.ndarray) -> None:
         row = 0

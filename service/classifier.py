@@ -13,7 +13,7 @@ import numpy as np
 
 from service.audio import SINGLE_WINDOW_SLACK_S, DecodedAudio, decode, make_windows
 from service.backends import Backend
-from service.batcher import Batcher, Job
+from service.batcher import Admission, Batcher, Job
 from service.errors import ClientGone, DeadlineExceeded
 from service.metrics import Metrics
 from service.schemas import ClassifyResponse, ModelCard, ModelRef, Prediction, TimelineEntry
@@ -29,9 +29,11 @@ class Prepared:
     starts: list[int]  # window start offsets, in model-rate samples
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """(W, C) -> (W, C) float64 probabilities, per row (nothing depends on the batch)."""
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """(W, C) -> (W, C) float64 probabilities, per row (nothing depends on the batch).
+    `temperature` is the artifact's calibration: softmax(logits / T)."""
+    z = logits.astype(np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
 
@@ -48,6 +50,7 @@ class Classifier:
             max_batch_size=self.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000,
             max_queue_size=settings.max_queue_size,
+            max_queue_wait_s=settings.max_queue_wait_s,
             metrics=metrics,
         )
         self.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
@@ -67,20 +70,29 @@ class Classifier:
         self.metrics.decode_latency.observe(time.perf_counter() - t0)
         return Prepared(audio, windows, starts)
 
+    def admit(self) -> Admission:
+        """A place in the inference queue, taken before the upload is read (503 if none)."""
+        return self.batcher.admit()
+
     async def classify(
-        self, data: bytes, top_k: int, deadline: float, receive: Receive
+        self,
+        data: bytes,
+        top_k: int,
+        deadline: float,
+        receive: Receive,
+        admission: Admission | None = None,
     ) -> ClassifyResponse:
         loop = asyncio.get_running_loop()
         prepared = await loop.run_in_executor(self.decode_pool, self.prepare, data)
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("the request ran past its deadline while decoding")
-        job = self.batcher.submit(prepared.windows, deadline)
+        job = self.batcher.submit(prepared.windows, deadline, admission)
         logits = await _wait(job, deadline, receive)  # (W, C)
         return self.respond(prepared, logits, top_k)
 
     def respond(self, prepared: Prepared, logits: np.ndarray, top_k: int) -> ClassifyResponse:
         labels = self.meta.labels
-        per_window = softmax(logits)  # (W, C)
+        per_window = softmax(logits, self.meta.temperature)  # (W, C), calibrated
         mean = per_window.mean(axis=0)  # (C,)
         top = np.argsort(-mean, kind="stable")[: min(top_k, len(labels))]
         audio, n = prepared.audio, len(prepared.audio.waveform)
@@ -113,18 +125,25 @@ class Classifier:
                 label=labels[b],
                 index=int(b),
                 probability=float(probs[w, b]),
-            )  # fmt: skip
+            )
             for w, (s, b) in enumerate(zip(starts, best, strict=True))
         ]
 
     def card(self) -> ModelCard:
         m = self.meta
         return ModelCard(
-            name=m.model_name, version=m.model_version, variant=m.variant, labels=m.labels,
-            sample_rate=m.sample_rate, clip_samples=m.clip_samples, frontend=m.frontend,
-            backend=self.backend.name, provider=self.backend.provider,
-            max_batch_size=self.max_batch_size, metrics=m.metrics,
-        )  # fmt: skip
+            name=m.model_name,
+            version=m.model_version,
+            variant=m.variant,
+            labels=m.labels,
+            sample_rate=m.sample_rate,
+            clip_samples=m.clip_samples,
+            frontend=m.frontend,
+            backend=self.backend.name,
+            provider=self.backend.provider,
+            max_batch_size=self.max_batch_size,
+            metrics=m.metrics,
+        )
 
 
 async def _wait(job: Job, deadline: float, receive: Receive) -> np.ndarray:
@@ -133,9 +152,10 @@ async def _wait(job: Job, deadline: float, receive: Receive) -> np.ndarray:
     watch: asyncio.Future[Any] = asyncio.ensure_future(_disconnected(receive))
     try:
         done, _ = await asyncio.wait(
-            {result, watch}, timeout=max(0.0, deadline - time.monotonic()),
+            {result, watch},
+            timeout=max(0.0, deadline - time.monotonic()),
             return_when=asyncio.FIRST_COMPLETED,
-        )  # fmt: skip
+        )
     except asyncio.CancelledError:
         job.abandon()
         raise

@@ -13,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from contract import errors as contract_errors
+
 log = logging.getLogger(__name__)
 
 
@@ -68,6 +70,18 @@ class InferenceFailed(ServiceError):
     """The backend raised on this request's batch. The message stays generic on purpose."""
 
     status, code = 500, "internal"
+
+
+# The audio reader's errors (contract.errors) as the status a client gets; the message is kept.
+_AUDIO_ERRORS: dict[type[contract_errors.AudioError], type[ServiceError]] = {
+    contract_errors.UnsupportedAudio: UnsupportedMediaType,
+    contract_errors.AudioTooLong: AudioTooLong,
+    contract_errors.InvalidAudio: InvalidAudio,
+}
+
+
+def from_audio_error(e: contract_errors.AudioError) -> ServiceError:
+    return _AUDIO_ERRORS.get(type(e), InvalidAudio)(str(e))
 
 
 class ClientGone(Exception):

@@ -29,29 +29,48 @@ class Metrics:
         gc_collector.GCCollector(registry=r)
         ns = namespace
         self.requests = Counter(
-            "http_requests", "HTTP requests by route, method and status code",
-            ["route", "method", "status"], namespace=ns, registry=r,
-        )  # fmt: skip
-        self.request_latency = Histogram(
-            "request_duration_seconds", "End-to-end classify latency (arrival to answer)",
-            ["route"], namespace=ns, buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.decode_latency = Histogram(
-            "decode_duration_seconds", "Decode + downmix + resample + windowing per request",
-            namespace=ns, buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.queue_latency = Histogram(
-            "queue_duration_seconds", "Wait from enqueue until a request's first window runs",
-            namespace=ns, buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.inference_latency = Histogram(
-            "inference_duration_seconds", "Backend compute time per batch",
-            namespace=ns, buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.batch_size = Histogram(
-            "batch_size", "Windows per inference batch", namespace=ns, buckets=BATCH_BUCKETS,
+            "http_requests",
+            "HTTP requests by route, method and status code",
+            ["route", "method", "status"],
+            namespace=ns,
             registry=r,
-        )  # fmt: skip
+        )
+        self.request_latency = Histogram(
+            "request_duration_seconds",
+            "End-to-end classify latency (arrival to answer)",
+            ["route"],
+            namespace=ns,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode_latency = Histogram(
+            "decode_duration_seconds",
+            "Decode + downmix + resample + windowing per request",
+            namespace=ns,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_latency = Histogram(
+            "queue_duration_seconds",
+            "Wait from enqueue until a request's first window runs",
+            namespace=ns,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_latency = Histogram(
+            "inference_duration_seconds",
+            "Backend compute time per batch",
+            namespace=ns,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "batch_size",
+            "Windows per inference batch",
+            namespace=ns,
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "queue_depth", "Requests waiting for inference", namespace=ns, registry=r
         )
@@ -59,13 +78,19 @@ class Metrics:
             "requests_in_flight", "Classify requests being handled", namespace=ns, registry=r
         )
         self.rejected = Counter(
-            "requests_rejected", "Requests refused for overload (queue full, shutting down)",
-            ["reason"], namespace=ns, registry=r,
-        )  # fmt: skip
+            "requests_rejected",
+            "Requests refused for overload (queue full, shutting down)",
+            ["reason"],
+            namespace=ns,
+            registry=r,
+        )
         self.dropped = Counter(
-            "requests_dropped", "Queued requests dropped before inference (client gone, deadline)",
-            ["reason"], namespace=ns, registry=r,
-        )  # fmt: skip
+            "requests_dropped",
+            "Queued requests dropped before inference (client gone, deadline)",
+            ["reason"],
+            namespace=ns,
+            registry=r,
+        )
         self.batch_failures = Counter(
             "batch_failures", "Batches whose backend call raised", namespace=ns, registry=r
         )

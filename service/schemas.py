@@ -91,3 +91,45 @@ class ErrorResponse(BaseModel):
 
 class Status(BaseModel):
     status: str
+
+
+# --- /v1/explain -------------------------------------------------------------------------------
+
+
+class EncodedMap(BaseModel):
+    """A 2-D float map sent as 8-bit: value = min + (max - min) * byte / 255."""
+
+    shape: list[int] = Field(description="[rows, cols]; row 0 is the lowest frequency")
+    min: float
+    max: float
+    data: str = Field(description="base64 of rows * cols uint8, row-major")
+
+
+class StageMaps(BaseModel):
+    name: str = Field(description="stem, stage1, ... (input side first)")
+    channels: int = Field(description="channels of this stage's output")
+    mean: EncodedMap = Field(description="the mean over all channels")
+    top_channels: list[int] = Field(description="channels in `maps`, highest mean activation first")
+    maps: list[EncodedMap]
+
+
+class WindowExplanation(BaseModel):
+    start_s: float
+    end_s: float
+    cam_label: str = Field(description="the label `cam` explains: this window's top label")
+    cam_index: int
+    logmel: EncodedMap = Field(
+        description="the normalised log-mel the CNN saw, from the graph's own front-end "
+        "(n_mels x frames)"
+    )
+    cam: EncodedMap = Field(
+        description="class activation map of `cam_label` on the last stage's grid: its channels "
+        "weighted by that class's classifier row; stretch it over `logmel`"
+    )
+    stages: list[StageMaps]
+
+
+class ExplainResponse(BaseModel):
+    classification: ClassifyResponse = Field(description="as /v1/classify, by the fp32 graph")
+    frame_hop_s: float = Field(description="seconds per log-mel column")
+    windows: list[WindowExplanation] = Field(description="one per classification window")

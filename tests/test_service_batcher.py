@@ -139,3 +139,62 @@ def test_wrong_output_count_fails_the_batch() -> None:
     with pytest.raises(InferenceFailed):
         b.submit(windows(2, 1.0), far()).future.result(5)
     b.stop(5)
+
+
+def test_admission_holds_a_place_before_the_upload_is_read() -> None:
+    """Admitted requests (body not read yet) count against the queue; a refusal is at once."""
+    model = FakeModel()
+    model.gate.clear()
+    b = make(model, max_queue_size=2)
+    first, second = b.admit(), b.admit()
+    with pytest.raises(Overloaded, match="queue is full"):
+        b.admit()
+    second.release()
+    second.release()  # idempotent: gives back one place, not two
+    job = b.submit(windows(1, 1.0), far(), first)  # the place becomes a queued job
+    time.sleep(0.1)  # taken by the worker: no longer queued
+    later = [b.admit(), b.admit()]
+    with pytest.raises(Overloaded, match="queue is full"):
+        b.admit()
+    for admission in later:
+        admission.release()
+    model.gate.set()
+    assert job.future.result(5).shape == (1, 2)
+    b.stop(5)
+
+
+def test_queue_is_bounded_by_expected_wait() -> None:
+    """After timing batches, the admission refuses once the windows ahead would take longer
+    than max_queue_wait_s, whatever the count; and lets requests in again as the queue drains."""
+    model = FakeModel(delay=0.05)  # 4-window batches: ~12 ms per window
+    metrics = Metrics()
+    opts = {"max_batch_size": 4, "max_wait_s": 0.0, "max_queue_size": 100}
+    b = Batcher(model, max_queue_wait_s=0.2, metrics=metrics, **opts)
+    b.start()
+    b.submit(windows(4, 1.0), far()).future.result(5)  # one timed batch
+    model.gate.clear()
+    jobs, refused = [], 0
+    for _ in range(40):
+        try:
+            jobs.append(b.submit(windows(4, 1.0), far()))
+        except Overloaded as e:
+            assert "expected wait" in str(e)
+            refused += 1
+    assert 2 <= len(jobs) <= 6 and refused == 40 - len(jobs)  # ~0.2 s of 50 ms batches
+    assert metrics.rejected.labels("queue_wait")._value.get() == refused
+    model.gate.set()
+    assert all(j.future.result(5).shape == (4, 2) for j in jobs)
+    b.admit().release()  # drained: admitted again
+    b.stop(5)
+
+
+def test_expected_wait_uses_the_cost_of_full_batches() -> None:
+    """A queue drains in full batches: one slow single-window batch (light load) does not make
+    the admission overestimate the wait once full batches have been timed."""
+    model = FakeModel(delay=0.04)  # 40 ms a call: 40 ms per window alone, 10 ms in fours
+    b = make(model, max_wait_s=0.0)
+    b.submit(windows(1, 1.0), far()).future.result(5)
+    assert b.expected_wait_s(extra_jobs=4) == pytest.approx(4 * 0.04, rel=0.5)
+    b.submit(windows(4, 1.0), far()).future.result(5)
+    assert b.expected_wait_s(extra_jobs=4) == pytest.approx(4 * 0.01, rel=0.5)
+    b.stop(5)

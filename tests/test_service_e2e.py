@@ -7,6 +7,7 @@ import asyncio
 import csv
 import io
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 import soundfile as sf
 from servers import serve
 
-from service.audio import MP3_SUPPORTED
+from contract.audio import MP3_SUPPORTED
 from service.backends import load_backend
 from service.settings import Settings
 
@@ -76,9 +77,10 @@ async def _burst(base: str, bodies: list[bytes], headers: dict | None = None) ->
         async def one(body: bytes) -> tuple[httpx.Response, float]:
             t0 = time.perf_counter()
             r = await client.post(
-                "/v1/classify?top_k=5", content=body,
+                "/v1/classify?top_k=5",
+                content=body,
                 headers={"content-type": "audio/wav", **(headers or {})},
-            )  # fmt: skip
+            )
             return r, time.perf_counter() - t0
 
         return await asyncio.gather(*(one(b) for b in bodies))
@@ -96,9 +98,14 @@ LIMIT_BYTES = 2 * 1024 * 1024
 @pytest.fixture(scope="module")
 def server(tiny_onnx: Path) -> Iterator[str]:
     settings = Settings(
-        model_path=tiny_onnx, intra_op_threads=1, max_batch_size=8, max_wait_ms=20,
-        max_body_bytes=LIMIT_BYTES, max_duration_s=30, window_hop_s=2.5,
-    )  # fmt: skip
+        model_path=tiny_onnx,
+        intra_op_threads=1,
+        max_batch_size=8,
+        max_wait_ms=20,
+        max_body_bytes=LIMIT_BYTES,
+        max_duration_s=30,
+        window_hop_s=2.5,
+    )
     with serve(settings) as base:
         yield base
 
@@ -132,8 +139,11 @@ def test_long_audio_is_windowed_with_a_timeline(server: str) -> None:
     body = post(server, encode(audio(12.0, seed=3))).json()
     assert body["windows"] == 4 and body["duration_s"] == 12.0
     assert [(w["start_s"], w["end_s"]) for w in body["timeline"]] == [
-        (0.0, 5.0), (2.5, 7.5), (5.0, 10.0), (7.0, 12.0)
-    ]  # fmt: skip
+        (0.0, 5.0),
+        (2.5, 7.5),
+        (5.0, 10.0),
+        (7.0, 12.0),
+    ]
 
 
 def test_models_health_and_openapi(server: str) -> None:
@@ -212,7 +222,7 @@ BAD_INPUTS = {
     "FLAC": (encode(audio(5.0), fmt="FLAC"), "audio/flac", 200, None, 5.0),
     "Ogg Vorbis": (encode(audio(5.0), fmt="OGG", subtype="VORBIS"), "audio/ogg", 200, None, 5.0),
     "no content type": (WAV, "", 200, None, 5.0),
-}  # fmt: skip
+}
 if MP3_SUPPORTED:
     BAD_INPUTS["MP3"] = (encode(audio(5.0), fmt="MP3", subtype=None), "audio/mpeg", 200, None, 5.0)
 
@@ -288,9 +298,15 @@ def ctl(tiny_onnx: Path) -> Iterator[tuple[str, Controlled]]:
         return backends[0]
 
     settings = Settings(
-        model_path=tiny_onnx, intra_op_threads=1, max_batch_size=2, max_wait_ms=5,
-        max_queue_size=2, request_timeout_s=1.0, api_token=TOKEN, retry_after_s=2,
-    )  # fmt: skip
+        model_path=tiny_onnx,
+        intra_op_threads=1,
+        max_batch_size=2,
+        max_wait_ms=5,
+        max_queue_size=2,
+        request_timeout_s=1.0,
+        api_token=TOKEN,
+        retry_after_s=2,
+    )
     with serve(settings, loader) as base:
         yield base, backends[0]
 
@@ -318,6 +334,32 @@ def test_overload_gives_quick_503s_and_correct_answers(ctl, reference: dict) -> 
     assert elapsed < 15
     assert metric(base, 'esc50_requests_rejected_total{reason="queue_full"}') == len(rejected)
     assert probs(post(base, CLIPS[0], headers=AUTH)) == reference[0]
+
+
+def test_full_queue_refuses_before_reading_the_body(ctl) -> None:
+    """Admission comes first: with the queue full, a request whose body has barely started
+    gets its 503 at once (the server would wait forever if it read the 5 MB first)."""
+    base, backend = ctl
+    backend.delay = 0.8
+    filling = [threading.Thread(target=burst, args=(base, [CLIPS[0]] * 2, AUTH)) for _ in "ab"]
+    for thread in filling:  # a batch of 2 running, then 2 requests queued: full
+        thread.start()
+        time.sleep(0.25)
+    host, port = base.removeprefix("http://").split(":")
+    head = (
+        "POST /v1/classify HTTP/1.1\r\nHost: test\r\nContent-Type: audio/wav\r\n"
+        f"Content-Length: 5000000\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    )
+    try:
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(head.encode() + b"RIFF" + bytes(1000))
+            reply = sock.recv(65536).lower()
+    finally:
+        backend.delay = 0.0
+        for thread in filling:
+            thread.join(30)
+    assert reply.startswith(b"http/1.1 503") and b"retry-after: 2" in reply
+    assert b"queue is full" in reply
 
 
 def test_deadline_gives_504_then_recovers(ctl, reference: dict) -> None:
@@ -360,9 +402,10 @@ def test_client_that_went_away_is_dropped(ctl) -> None:
 
 def test_bearer_token_guards_classify_only(ctl) -> None:
     base, _ = ctl
-    assert_error(post(base, WAV), 401, "unauthorized")
-    r = post(base, WAV, headers={"authorization": "Bearer wrong"})
-    assert_error(r, 401, "unauthorized") and r.headers["www-authenticate"] == "Bearer"
+    for headers in ({}, {"authorization": "Bearer wrong"}):
+        r = post(base, WAV, headers=headers)
+        assert_error(r, 401, "unauthorized")
+        assert r.headers["www-authenticate"] == "Bearer"  # RFC 6750: say which scheme
     assert post(base, WAV, headers=AUTH).status_code == 200
     for path in ("/healthz", "/readyz", "/metrics", "/v1/models"):
         assert httpx.get(f"{base}{path}").status_code == 200
@@ -372,12 +415,19 @@ def test_metrics_exposition(ctl) -> None:
     base, _ = ctl
     text = httpx.get(f"{base}/metrics").text
     for name in (
-        "esc50_http_requests_total", "esc50_request_duration_seconds_bucket",
-        "esc50_decode_duration_seconds_bucket", "esc50_queue_duration_seconds_bucket",
-        "esc50_inference_duration_seconds_bucket", "esc50_batch_size_bucket",
-        "esc50_queue_depth", "esc50_requests_in_flight", "esc50_requests_rejected_total",
-        "esc50_model_info", "esc50_ready", "process_cpu_seconds_total",
-    ):  # fmt: skip
+        "esc50_http_requests_total",
+        "esc50_request_duration_seconds_bucket",
+        "esc50_decode_duration_seconds_bucket",
+        "esc50_queue_duration_seconds_bucket",
+        "esc50_inference_duration_seconds_bucket",
+        "esc50_batch_size_bucket",
+        "esc50_queue_depth",
+        "esc50_requests_in_flight",
+        "esc50_requests_rejected_total",
+        "esc50_model_info",
+        "esc50_ready",
+        "process_cpu_seconds_total",
+    ):
         assert re.search(rf"^{name}", text, re.M), name
     assert 'route="/v1/classify",status="401"' in text.replace('method="POST",', "")
 
@@ -386,19 +436,19 @@ def test_metrics_exposition(ctl) -> None:
 
 
 @pytest.mark.slow
-def test_shipped_model_on_real_esc10_clips(repo_root: Path, esc50_root: Path) -> None:
-    """One clip per ESC-10 class, from the training run's held-out validation clips (recorded in
-    the checkpoint; the ONNX metadata keeps only their count). The true label must be in the
-    top 5 for at least 8 of 10 and top 1 for at least 6 of 10; random weights would pass with
-    probability ~1e-6. Without the checkpoint's list the clips may have been trained on, so the
-    same check is only a sanity check; fewer than 10 classes present is a skip, not a pass."""
+def test_shipped_model_answers_clips_it_trained_on(repo_root: Path, esc50_root: Path) -> None:
+    """A sanity check of the served artifact, not an accuracy figure: the shipped model trained
+    on every local clip, so one clip per ESC-10 class here is a clip it has seen. The true label
+    must be in the top 5 for at least 8 of 10 and top 1 for at least 6 of 10; a broken artifact
+    or serving path (wrong rate, lost metadata, random weights: p ~ 1e-6) fails it. Accuracy on
+    unseen clips comes from the training recipe's held-out run, not from here. Fewer than 10
+    classes present is a skip, not a pass."""
     model = repo_root / "models" / "esc50-resnet34.int8.onnx"
     if not model.is_file():
         pytest.skip(f"{model} not present (make export; it is committed with the shipped model)")
     settings = Settings(model_path=model, max_batch_size=4)
     rows = list(csv.DictReader((esc50_root / "meta" / "esc50.csv").open()))
-    held_out = _held_out_stems(repo_root / "models" / "esc50-resnet34.pt")
-    picks = _one_clip_per_class(rows, held_out, esc50_root / "audio")
+    picks = _one_clip_per_class(rows, esc50_root / "audio")
     if len(picks) < 10:
         pytest.skip(f"only {len(picks)} ESC-10 classes among the local clips")
     with serve(settings) as base:
@@ -411,20 +461,14 @@ def test_shipped_model_on_real_esc10_clips(repo_root: Path, esc50_root: Path) ->
     assert top5 >= 8 and top1 >= 6, f"top-5 {top5}/10, top-1 {top1}/10"
 
 
-def _held_out_stems(checkpoint: Path) -> set[str]:
-    if not checkpoint.is_file():
-        return set()
-    from train.checkpoint import load_checkpoint  # test-side only: the service never imports torch
-
-    return set((load_checkpoint(checkpoint).get("data") or {}).get("val_stems") or [])
-
-
-def _one_clip_per_class(rows: list[dict], held_out: set[str], audio_dir: Path) -> list[dict]:
+def _one_clip_per_class(rows: list[dict], audio_dir: Path) -> list[dict]:
     present = {p.stem: p for p in audio_dir.iterdir()}  # the local copy is FLAC/Ogg, a subset
-    esc10 = [{**r, "path": present[Path(r["filename"]).stem]} for r in rows
-             if r["esc10"] == "True" and Path(r["filename"]).stem in present]  # fmt: skip
-    pool = [r for r in esc10 if r["path"].stem in held_out] if held_out else esc10
+    esc10 = [
+        {**r, "path": present[Path(r["filename"]).stem]}
+        for r in rows
+        if r["esc10"] == "True" and Path(r["filename"]).stem in present
+    ]
     picks: dict[str, dict] = {}
-    for r in sorted(pool, key=lambda r: r["filename"]):
+    for r in sorted(esc10, key=lambda r: r["filename"]):
         picks.setdefault(r["category"], r)
     return list(picks.values())[:10]

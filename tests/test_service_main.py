@@ -7,37 +7,35 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
+from servers import free_port, wait_ready
 
-from export.metadata import MetadataError
+from contract.metadata import MetadataError
 from service.app import create_app
 from service.artifacts import ModelNotFound
-from service.bench import wait_ready
 from service.settings import Settings
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_python_m_service_serves_and_stops_on_sigterm(tiny_onnx: Path, repo_root: Path) -> None:
-    port = _free_port()
-    env = {**os.environ, "ESC50_MODEL_PATH": str(tiny_onnx), "ESC50_PORT": str(port),
-           "ESC50_INTRA_OP_THREADS": "1", "ESC50_LOG_LEVEL": "info"}  # fmt: skip
+    port = free_port()
+    env = {
+        **os.environ,
+        "ESC50_MODEL_PATH": str(tiny_onnx),
+        "ESC50_PORT": str(port),
+        "ESC50_INTRA_OP_THREADS": "1",
+        "ESC50_LOG_LEVEL": "info",
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "service"], env=env, cwd=repo_root, stderr=subprocess.PIPE, text=True
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base, proc, timeout_s=60)  # SystemExit if it dies or never gets ready
+        wait_ready(base, proc, timeout_s=60)  # fails the test if it dies or never gets ready
         (card,) = httpx.get(f"{base}/v1/models").json()["models"]
         assert card["name"] == "tiny"
     finally:

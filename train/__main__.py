@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 from dataclasses import fields, replace
 from pathlib import Path
 
-from .data import DataError
+from .data import DEFAULT_DATA_ROOT, DataError
 from .model import ModelConfig
 from .train import TrainConfig, train
 
@@ -18,32 +20,122 @@ def _parse_folds(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
 
-def train_main(argv: list[str]) -> int:
+def parse_train_config(argv: list[str]) -> TrainConfig:
     p = argparse.ArgumentParser(prog="python -m train", description="Train the ESC-50 model.")
     defaults = TrainConfig()
     for f in fields(TrainConfig):
-        if f.name in ("model", "folds", "esc10", "resume", "amp"):
+        if f.name in ("model", "folds", "esc10", "resume", "amp", "channels_last"):
             continue
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
-                       default=getattr(defaults, f.name))  # fmt: skip
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=type(getattr(defaults, f.name)),
+            default=getattr(defaults, f.name),
+        )
     p.add_argument("--folds", type=_parse_folds, default=None, help="e.g. 1,2,3,4 (default all)")
     p.add_argument("--esc10", action="store_true", help="use the ESC-10 subset only")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
+    p.add_argument(
+        "--no-channels-last",
+        dest="channels_last",
+        action="store_false",
+        help="NCHW activations on CUDA",
+    )
     p.add_argument("--widths", type=_parse_folds, default=None, help="CNN stage widths, e.g. 8,16")
     p.add_argument("--depths", type=_parse_folds, default=None, help="blocks per stage, e.g. 1,1")
     args = vars(p.parse_args(argv))
     widths, depths = args.pop("widths"), args.pop("depths")
     model = ModelConfig()
     if widths or depths:
-        model = replace(model, widths=tuple(widths or model.widths),
-                        depths=tuple(depths or model.depths))  # fmt: skip
-    cfg = TrainConfig(**args, model=model)
+        model = replace(
+            model, widths=tuple(widths or model.widths), depths=tuple(depths or model.depths)
+        )
+    return TrainConfig(**args, model=model)
+
+
+def train_main(argv: list[str]) -> int:
+    cfg = parse_train_config(argv)
     try:
         train(cfg)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def throughput_main(argv: list[str]) -> int:
+    """Training clips/s of a config: `python -m train throughput [--steps N] -- TRAIN_ARGS`."""
+    from .train import measure_throughput
+
+    i = argv.index("--") if "--" in argv else len(argv)
+    p = argparse.ArgumentParser(
+        prog="python -m train throughput", description="Measure training throughput (clips/s)."
+    )
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--json-out", default=None)
+    p.add_argument("--barrier", default=None, help="folder shared by processes timed together")
+    p.add_argument("--barrier-count", type=int, default=1, help="how many meet at the barrier")
+    args = p.parse_args(argv[:i])
+
+    def ready() -> None:  # wait until every process is warm, so each is timed under full load
+        if not args.barrier:
+            return
+        folder = Path(args.barrier)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / str(os.getpid())).touch()
+        deadline = time.time() + 300
+        while len(list(folder.iterdir())) < args.barrier_count and time.time() < deadline:
+            time.sleep(0.2)
+
+    result = measure_throughput(parse_train_config(argv[i + 1 :]), steps=args.steps, ready=ready)
+    print(json.dumps(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result))
+    return 0
+
+
+def throughput_report_main(argv: list[str]) -> int:
+    from .throughput_report import main
+
+    return main(argv)
+
+
+def cv_main(argv: list[str]) -> int:
+    from .cv import main
+
+    try:
+        return main(argv)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def calibrate_main(argv: list[str]) -> int:
+    """Store the temperature fitted by `python -m train cv` in a checkpoint."""
+    from .checkpoint import attach_calibration
+
+    p = argparse.ArgumentParser(
+        prog="python -m train calibrate",
+        description="Store a cross-validated temperature in a checkpoint.",
+    )
+    p.add_argument("checkpoint")
+    p.add_argument("--cv-report", required=True, help="cv_report.json of `python -m train cv`")
+    p.add_argument("--variant", default=None, help="which variant's temperature (default: chosen)")
+    args = p.parse_args(argv)
+    report = json.loads(Path(args.cv_report).read_text())
+    variant = args.variant or report.get("chosen") or next(iter(report["variants"]))
+    cal = report["variants"][variant]["calibration"]
+    attach_calibration(
+        args.checkpoint,
+        {
+            "temperature": cal["temperature"],
+            "fitted_on": f"pooled out-of-fold validation logits of {report['k']}-fold "
+            f"cross-validation ({report['variants'][variant]['clips']} clips)",
+            "ece_before": cal["ece_before"],
+            "ece_after_cross_fitted": cal["ece_after_cross_fitted"],
+        },
+    )
+    print(json.dumps({"checkpoint": args.checkpoint, "temperature": cal["temperature"]}))
     return 0
 
 
@@ -77,7 +169,7 @@ def evaluate_main(argv: list[str]) -> int:
         prog="python -m train evaluate", description="Evaluate a checkpoint on labelled clips."
     )
     p.add_argument("checkpoint")
-    p.add_argument("--data-root", default="../shared/esc50")
+    p.add_argument("--data-root", default=D.DEFAULT_DATA_ROOT)
     p.add_argument("--folds", type=_parse_folds, default=None)
     p.add_argument("--esc10", action="store_true")
     p.add_argument("--out-dir", default="reports")
@@ -93,10 +185,24 @@ def evaluate_main(argv: list[str]) -> int:
     logits = predict(model, D.load_waveforms(sel.clips))
     y = np.array([c.target for c in sel.clips])
     metrics = classification_metrics(y, logits.argmax(1), ckpt["labels"])
-    paths = write_report(args.out_dir, args.name, metrics, ckpt["labels"],
-                         {"checkpoint": args.checkpoint, **sel.describe()})  # fmt: skip
-    print(json.dumps({"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-                      "n": metrics["n"], **paths}, indent=2))  # fmt: skip
+    paths = write_report(
+        args.out_dir,
+        args.name,
+        metrics,
+        ckpt["labels"],
+        {"checkpoint": args.checkpoint, **sel.describe()},
+    )
+    print(
+        json.dumps(
+            {
+                "accuracy": metrics["accuracy"],
+                "macro_f1": metrics["macro_f1"],
+                "n": metrics["n"],
+                **paths,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -118,19 +224,26 @@ def card_main(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="python -m train card", description="Write a model card.")
     p.add_argument("checkpoint")
-    p.add_argument("--report", required=True, help="validation.json of the training run")
-    p.add_argument("--command", required=True, help="the training command, as run")
-    p.add_argument("--machine", required=True, help="where it ran")
+    p.add_argument(
+        "--cv-report",
+        action="append",
+        required=True,
+        help="cv_report.json of the shipped recipe first, then variants compared",
+    )
+    p.add_argument("--data-root", default=DEFAULT_DATA_ROOT, help="for the clip counts")
     p.add_argument("--notes", default="")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    text = render(args.checkpoint, args.report, args.command, args.machine, args.notes)
-    Path(args.out).write_text(text)
+    Path(args.out).write_text(render(args.checkpoint, args.cv_report, args.data_root, args.notes))
     return 0
 
 
 COMMANDS = {
+    "calibrate": calibrate_main,
     "card": card_main,
+    "cv": cv_main,
+    "throughput": throughput_main,
+    "throughput-report": throughput_report_main,
     "download": download_main,
     "evaluate": evaluate_main,
     "release": release_main,

@@ -25,13 +25,20 @@ def code_version() -> str:
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-            check=True, timeout=5,
-        ).stdout.strip()  # fmt: skip
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=5,
+        ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-            capture_output=True, text=True, timeout=5,
-        ).stdout.strip()  # fmt: skip
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -96,3 +103,12 @@ def release_checkpoint(src: str | Path, dst: str | Path) -> None:
     ckpt["weights_dtype"] = "float16"
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, dst)
+
+
+def attach_calibration(path: str | Path, calibration: dict[str, Any]) -> None:
+    """Record a fitted temperature (and how it was fitted) in a checkpoint, in place."""
+    ckpt = load_checkpoint(path)
+    ckpt["calibration"] = calibration
+    tmp = Path(path).with_suffix(Path(path).suffix + ".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(path)

@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
-import soxr
 
-from .frontend import CLIP_SAMPLES, SAMPLE_RATE
+from contract.audio import CLIP_SAMPLES, SAMPLE_RATE, read_audio
+from contract.errors import AudioError
 
 log = logging.getLogger(__name__)
+# Where the dataset is unless told otherwise: the CLI defaults and the Makefile's DATA agree.
+DEFAULT_DATA_ROOT = "../shared/esc50"
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3", ".opus"}
 
 
@@ -42,8 +43,12 @@ class Selection:
 
     def describe(self) -> dict:
         folds = sorted({c.fold for c in self.clips})
-        return {"clips": len(self.clips), "missing": len(self.missing), "folds": folds,
-                "classes_present": len({c.target for c in self.clips})}  # fmt: skip
+        return {
+            "clips": len(self.clips),
+            "missing": len(self.missing),
+            "folds": folds,
+            "classes_present": len({c.target for c in self.clips}),
+        }
 
 
 def read_metadata(root: Path) -> list[dict]:
@@ -88,13 +93,25 @@ def select(root: str | Path, folds: list[int] | None = None, esc10: bool = False
         if stem not in on_disk:
             missing.append(stem)
             continue
-        clips.append(Clip(stem, on_disk[stem], int(r["fold"]), int(r["target"]), r["category"],
-                          is_esc10, r.get("src_file", stem)))  # fmt: skip
+        clips.append(
+            Clip(
+                stem,
+                on_disk[stem],
+                int(r["fold"]),
+                int(r["target"]),
+                r["category"],
+                is_esc10,
+                r.get("src_file", stem),
+            )
+        )
     if not clips:
         raise DataError(f"no clips selected in {root} (folds={folds}, esc10={esc10})")
     if missing:
-        log.info("%d of %d selected clips are not on disk (partial copy)", len(missing),
-                 len(missing) + len(clips))  # fmt: skip
+        log.info(
+            "%d of %d selected clips are not on disk (partial copy)",
+            len(missing),
+            len(missing) + len(clips),
+        )
     return Selection(clips, labels, missing)
 
 
@@ -106,17 +123,11 @@ def fit_length(x: np.ndarray, n: int = CLIP_SAMPLES) -> np.ndarray:
 
 
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode any libsndfile format to mono float32 at `sample_rate` (full length)."""
+    """Mono float32 at `sample_rate`, full length, by the reader the service uses too."""
     try:
-        x, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError) as e:
-        raise DataError(f"cannot decode {path}: {e}") from None
-    x = x.mean(axis=1)
-    if sr != sample_rate:
-        x = soxr.resample(x, sr, sample_rate, quality="HQ").astype(np.float32)
-    if not np.isfinite(x).all():
-        raise DataError(f"{path} contains NaN or Inf samples")
-    return x
+        return read_audio(Path(path), sample_rate).waveform
+    except AudioError as e:
+        raise DataError(str(e)) from None  # the message starts with the path
 
 
 def load_clip(
@@ -125,11 +136,13 @@ def load_clip(
     return fit_length(load_audio(path, sample_rate), n)
 
 
-def load_waveforms(clips: list[Clip], n: int = CLIP_SAMPLES) -> np.ndarray:
+def load_waveforms(
+    clips: list[Clip], n: int = CLIP_SAMPLES, sample_rate: int = SAMPLE_RATE
+) -> np.ndarray:
     """All clips decoded into one (len(clips), n) float32 array (651 clips ~ 0.6 GB)."""
     out = np.zeros((len(clips), n), dtype=np.float32)
     for i, c in enumerate(clips):
-        out[i] = load_clip(c.path, n)
+        out[i] = load_clip(c.path, n, sample_rate)
     return out
 
 
@@ -155,4 +168,33 @@ def split_holdout(clips: list[Clip], fraction: float, seed: int) -> tuple[list[C
             chosen = [smallest] if len(smallest) <= n_total // 2 else []
         for g in groups:
             (val if any(g is c for c in chosen) else train).extend(g)
+    return train, val
+
+
+def split_kfold(clips: list[Clip], k: int, index: int, seed: int) -> tuple[list[Clip], list[Clip]]:
+    """Grouped, class-stratified K-fold: part `index` validates, the rest trains.
+
+    Every clip of a source recording lands in one part; within a class, recordings go to the
+    part that has fewest clips of that class so far (random order, seeded), so that each part
+    holds about 1/k of every class and each clip is validated exactly once across the k runs.
+    """
+    if not 0 <= index < k or k < 2:
+        raise DataError(f"cv index {index} is not in 0..{k - 1} (k={k})")
+    rng = random.Random(seed)
+    by_class: dict[int, dict[str, list[Clip]]] = defaultdict(lambda: defaultdict(list))
+    for c in clips:
+        by_class[c.target][c.src_file].append(c)
+    part_of: dict[str, int] = {}
+    for target in sorted(by_class):
+        groups = sorted(by_class[target].values(), key=lambda g: g[0].stem)
+        rng.shuffle(groups)
+        counts = [0] * k
+        offset = rng.randrange(k)  # classes start filling at different parts: balanced sizes
+        for g in sorted(groups, key=len, reverse=True):
+            part = min(range(k), key=lambda p: (counts[p], (p - offset) % k))
+            counts[part] += len(g)
+            for c in g:
+                part_of[c.stem] = part
+    train = [c for c in clips if part_of[c.stem] != index]
+    val = [c for c in clips if part_of[c.stem] == index]
     return train, val

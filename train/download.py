@@ -63,8 +63,12 @@ def extract(archive: Path, dest: Path) -> int:
     return len(audio)
 
 
-def download_esc50(dest: str | Path, url: str = DEFAULT_URL, sha256: str | None = None,
-                   expected_clips: int = EXPECTED_CLIPS) -> dict:  # fmt: skip
+def download_esc50(
+    dest: str | Path,
+    url: str = DEFAULT_URL,
+    sha256: str | None = None,
+    expected_clips: int = EXPECTED_CLIPS,
+) -> dict:
     """Download, verify (sha256 when given, zip CRCs, every CSV row present) and extract."""
     dest = Path(dest)
     with tempfile.TemporaryDirectory() as tmp:

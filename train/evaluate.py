@@ -12,8 +12,9 @@ from .model import AudioClassifier
 
 
 @torch.no_grad()
-def predict(model: AudioClassifier, waveforms: np.ndarray, batch_size: int = 16,
-            device: str = "cpu") -> np.ndarray:  # fmt: skip
+def predict(
+    model: AudioClassifier, waveforms: np.ndarray, batch_size: int = 16, device: str = "cpu"
+) -> np.ndarray:
     """Logits (N, classes) for full-length clips, in eval mode."""
     model.eval()
     out = []
@@ -37,11 +38,16 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros(n), where=denom > 0)
     present = support > 0
     per_class = [
-        {"label": labels[i], "precision": round(float(precision[i]), 4),
-         "recall": round(float(recall[i]), 4), "f1": round(float(f1[i]), 4),
-         "support": int(support[i])}
-        for i in range(n) if present[i]
-    ]  # fmt: skip
+        {
+            "label": labels[i],
+            "precision": round(float(precision[i]), 4),
+            "recall": round(float(recall[i]), 4),
+            "f1": round(float(f1[i]), 4),
+            "support": int(support[i]),
+        }
+        for i in range(n)
+        if present[i]
+    ]
     return {
         "n": int(len(y_true)),
         "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
@@ -72,22 +78,39 @@ def plot_confusion(cm: np.ndarray, labels: list[str], path: str | Path, title: s
     plt.close(fig)
 
 
-def write_report(out_dir: str | Path, name: str, metrics: dict, labels: list[str],
-                 context: dict) -> dict:  # fmt: skip
+def write_report(
+    out_dir: str | Path, name: str, metrics: dict, labels: list[str], context: dict
+) -> dict:
     """`<name>.json`, `<name>.md` and `<name>_confusion.png` in out_dir; returns the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {k: out_dir / f"{name}{s}" for k, s in
-             (("json", ".json"), ("md", ".md"), ("png", "_confusion.png"))}  # fmt: skip
+    paths = {
+        k: out_dir / f"{name}{s}"
+        for k, s in (("json", ".json"), ("md", ".md"), ("png", "_confusion.png"))
+    }
     paths["json"].write_text(json.dumps({**context, **metrics}, indent=2))
-    plot_confusion(np.array(metrics["confusion"]), labels, paths["png"],
-                   f"{name}: acc {metrics['accuracy']:.3f}, n={metrics['n']}")  # fmt: skip
-    lines = [f"# {name}", "", *(f"- {k}: {v}" for k, v in context.items()),
-             f"- clips: {metrics['n']}", f"- accuracy: {metrics['accuracy']:.4f}",
-             f"- macro-F1: {metrics['macro_f1']:.4f}", "",
-             "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['label']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
-              f"{r['support']} |" for r in metrics["per_class"]]  # fmt: skip
+    plot_confusion(
+        np.array(metrics["confusion"]),
+        labels,
+        paths["png"],
+        f"{name}: acc {metrics['accuracy']:.3f}, n={metrics['n']}",
+    )
+    lines = [
+        f"# {name}",
+        "",
+        *(f"- {k}: {v}" for k, v in context.items()),
+        f"- clips: {metrics['n']}",
+        f"- accuracy: {metrics['accuracy']:.4f}",
+        f"- macro-F1: {metrics['macro_f1']:.4f}",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['label']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | "
+        f"{r['support']} |"
+        for r in metrics["per_class"]
+    ]
     lines += ["", f"![confusion matrix]({paths['png'].name})", ""]
     paths["md"].write_text("\n".join(lines))
     return {k: str(v) for k, v in paths.items()}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -17,8 +17,6 @@ class ModelConfig:
     widths: tuple[int, ...] = (64, 128, 256, 512)  # channels per residual stage
     depths: tuple[int, ...] = (3, 4, 6, 3)  # basic blocks per stage (ResNet-34)
     dropout: float = 0.5  # before the classifier
-    name: str = "resnet34"  # recorded in artifacts
-    extra: dict = field(default_factory=dict)  # free-form notes carried with the config
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -27,7 +25,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        d = dict(d)
+        # "name" and "extra" were fields once, never read: checkpoints that carry them still load
+        d = {k: v for k, v in d.items() if k not in ("name", "extra")}
         d["widths"], d["depths"] = tuple(d["widths"]), tuple(d["depths"])
         return cls(**d)
 

@@ -1,11 +1,16 @@
-"""Training loop: AdamW + one-cycle, label smoothing, mixup, SpecAugment, random crop and gain.
+"""Training: AdamW + one-cycle, between-class mixing, energy-aware crops, time stretch,
+SpecAugment and an exponential moving average (EMA) of the weights, which is what ships.
 
 Single process (CPU or CUDA) or DistributedDataParallel under `torchrun` (gloo on CPU, nccl on
-CUDA). Checkpoints every epoch (`last.pt`, resumable) and writes metrics to `metrics.jsonl`.
+CUDA). The training clips live on the training device and are augmented there, so a GPU is not
+starved by a Python data loader. `setup` builds a run, `train_epoch` runs one pass, `finish`
+writes the final checkpoint and its validation outputs; `train` chains them with a checkpoint
+every epoch (`last.pt`, resumable) and metrics in `metrics.jsonl`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as D
+from .augment import AugmentConfig, Augmenter
 from .checkpoint import code_version, load_checkpoint, save_checkpoint
 from .evaluate import classification_metrics, predict, write_report
 from .frontend import FrontendConfig
@@ -32,30 +38,40 @@ log = logging.getLogger("train")
 
 @dataclass
 class TrainConfig:
-    data_root: str = "../shared/esc50"  # ESC-50 layout: meta/esc50.csv + audio/
+    data_root: str = D.DEFAULT_DATA_ROOT  # ESC-50 layout: meta/esc50.csv + audio/
     folds: list[int] | None = None  # folds to use (None: all present)
     esc10: bool = False  # restrict to the ESC-10 subset
     val_fraction: float = 0.2  # per-class holdout, grouped by source recording (0: none)
+    cv_folds: int = 0  # grouped K-fold instead: validate on part `cv_index` of `cv_folds`
+    cv_index: int = 0  # which of the cv_folds parts is the validation set
     max_clips: int = 0  # cap on training clips, for smoke runs (0: no cap)
-    epochs: int = 20  # full passes over the training clips (the shipped recipe)
-    batch_size: int = 16  # per process
+    epochs: int = 306  # full passes over the training clips (the shipped model's schedule)
+    batch_size: int = 64  # per process
     lr: float = 2e-3  # peak learning rate of the one-cycle schedule
     weight_decay: float = 0.05  # AdamW decoupled weight decay
-    warmup_pct: float = 0.2  # fraction of steps spent warming up
-    label_smoothing: float = 0.1  # cross-entropy label smoothing
-    mixup_alpha: float = 0.2  # Beta(a, a) mixing of waveforms (0: off)
-    crop_seconds: float = 3.0  # random training crop; evaluation uses the full clip (0: full)
-    gain_db: float = 6.0  # random gain +-dB before mixing (per-example norm removes it otherwise)
+    warmup_pct: float = 0.1  # fraction of steps spent warming up
+    label_smoothing: float = 0.0  # cross-entropy label smoothing (on top of the mixed labels)
+    mix: str = "bc"  # bc (between-class, loudness-aware) | mixup | none
+    mix_prob: float = 1.0  # fraction of examples mixed with another clip
+    mixup_alpha: float = 0.4  # Beta(a, a) for mix=mixup
+    crop_seconds: float = 0.0  # training crop, placed by energy (0: whole clip, shifted)
+    crop_energy: float = 0.5  # a crop holds >= this fraction of the clip's best window energy
+    shift_seconds: float = 0.5  # max random shift of whole-clip crops
+    stretch: float = 0.1  # time stretch / pitch shift factor in [1 - s, 1 + s] (0: off)
     freq_masks: int = 2  # SpecAugment frequency masks per example
     freq_mask_width: int = 16  # max mel bins per frequency mask
     time_masks: int = 2  # SpecAugment time masks per example
-    time_mask_width: int = 40  # max frames per time mask
+    time_mask_width: int = 40  # max frames per time mask (for a 5-s input; scaled to the crop)
+    ema_decay: float = 0.998  # EMA of the weights, evaluated and shipped (0: off)
     seed: int = 0  # everything random derives from it
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast for the CNN on CUDA (front-end stays FP32)
+    channels_last: bool = True  # NHWC activations for the CNN on CUDA (faster convolutions)
+    threads: int = 0  # torch intra-op threads on CPU (0: torch's default)
     out_dir: str = "runs/esc50"  # checkpoints, metrics.jsonl, reports
     resume: bool = False  # continue from out_dir/last.pt
-    eval_every: int = 4  # epochs between validation passes (always after the last)
+    eval_every: int = 4  # epochs between validation passes (always after the last; 0: last)
+    save_every: int = 1  # epochs between resumable checkpoints (always after the last)
     stop_after: int = 0  # stop after this epoch, resumable (split a run across jobs; 0: off)
     model: ModelConfig = field(default_factory=ModelConfig)
 
@@ -92,212 +108,408 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-# --------------------------------------------------------------------------- augmentation
+# --------------------------------------------------------------------------- weights average
 
 
-def random_crop(wave: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """(B, N) -> (B, n), each row from its own random offset (a random time shift)."""
-    if n >= wave.shape[1]:
-        return wave
-    starts = torch.randint(0, wave.shape[1] - n + 1, (wave.shape[0],), generator=gen)
-    idx = starts.unsqueeze(1) + torch.arange(n).unsqueeze(0)
-    return torch.gather(wave, 1, idx)
+class WeightEMA:
+    """Exponential moving average of every parameter and buffer (BatchNorm statistics too)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        # Warm-up: early on the average follows the weights closely instead of the random init.
+        d = min(self.decay, (1 + step) / (10 + step))
+        for ema, cur in zip(
+            self.model.state_dict().values(), model.state_dict().values(), strict=True
+        ):
+            if ema.is_floating_point():
+                ema.lerp_(cur, 1.0 - d)
+            else:
+                ema.copy_(cur)
 
 
-def spec_augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    """Zero random mel bands and frame spans, independently per example. x: (B, 1, M, T)."""
-    B, _, M, T = x.shape
-    keep = torch.ones(B, 1, M, T, dtype=torch.bool)
-    for n_masks, width, size, axis in ((cfg.freq_masks, cfg.freq_mask_width, M, 2),
-                                       (cfg.time_masks, cfg.time_mask_width, T, 3)):  # fmt: skip
-        for _ in range(n_masks):
-            w = torch.randint(0, width + 1, (B,), generator=gen)
-            start = (torch.rand(B, generator=gen) * (size - w)).long()
-            pos = torch.arange(size).unsqueeze(0)  # 1, size
-            band = (pos >= start.unsqueeze(1)) & (pos < (start + w).unsqueeze(1))  # B, size
-            shape = (B, 1, size, 1) if axis == 2 else (B, 1, 1, size)
-            keep &= ~band.view(shape)
-    return x * keep.to(x.device)
+# --------------------------------------------------------------------------- setup / epoch / finish
 
 
-def mix_batch(wave: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator):
-    """Random gain, then mixup of waveforms. Returns (wave, y_a, y_b, lam)."""
-    if cfg.gain_db > 0:
-        db = (torch.rand(wave.shape[0], 1, generator=gen) * 2 - 1) * cfg.gain_db
-        wave = wave * (10.0 ** (db / 20.0)).to(wave.device)
-    if cfg.mixup_alpha <= 0:
-        return wave, y, y, 1.0
-    lam = float(np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
-                .beta(cfg.mixup_alpha, cfg.mixup_alpha))  # fmt: skip
-    lam = max(lam, 1.0 - lam)  # the first clip dominates: its label stays the main one
-    perm = torch.randperm(wave.shape[0], generator=gen).to(wave.device)
-    return lam * wave + (1.0 - lam) * wave[perm], y, y[perm], lam
+@dataclass
+class Run:
+    """Everything one training run holds between epochs."""
+
+    cfg: TrainConfig
+    device: torch.device
+    rank: int
+    world: int
+    out_dir: Path
+    labels: list[str]
+    train_clips: list[D.Clip]
+    val_clips: list[D.Clip]
+    val_waves: np.ndarray | None
+    model: AudioClassifier
+    cnn: nn.Module  # the CNN as trained (DDP-wrapped under torchrun)
+    ema: WeightEMA | None
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    aug: Augmenter
+    gen: torch.Generator
+    steps_per_epoch: int
+    start_epoch: int
+    info: dict
+    t0: float
+    metrics: dict = field(default_factory=dict)
 
 
-# --------------------------------------------------------------------------- loop
-
-
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def prepare_data(cfg: TrainConfig):
     sel = D.select(cfg.data_root, cfg.folds, cfg.esc10)
-    train_clips, val_clips = (
-        D.split_holdout(sel.clips, cfg.val_fraction, cfg.seed) if cfg.val_fraction > 0
-        else (sel.clips, [])
-    )  # fmt: skip
+    if cfg.cv_folds:
+        train_clips, val_clips = D.split_kfold(sel.clips, cfg.cv_folds, cfg.cv_index, cfg.seed)
+    elif cfg.val_fraction > 0:
+        train_clips, val_clips = D.split_holdout(sel.clips, cfg.val_fraction, cfg.seed)
+    else:
+        train_clips, val_clips = sel.clips, []
     if cfg.max_clips:
         train_clips = train_clips[: cfg.max_clips]
     data_info = {
-        "root": str(cfg.data_root), **sel.describe(), "train_clips": len(train_clips),
-        "val_clips": len(val_clips), "val_stems": [c.stem for c in val_clips],
+        "root": str(cfg.data_root),
+        **sel.describe(),
+        "train_clips": len(train_clips),
+        "val_clips": len(val_clips),
+        "val_stems": [c.stem for c in val_clips],
         "train_folds": sorted({c.fold for c in train_clips}),
-    }  # fmt: skip
+        "train_esc10_clips": sum(c.esc10 for c in train_clips),
+    }
     return sel.labels, train_clips, val_clips, data_info
 
 
-def train(cfg: TrainConfig) -> Path:
+def augment_config(cfg: TrainConfig, sample_rate: int) -> AugmentConfig:
+    crop = int(cfg.crop_seconds * sample_rate) if cfg.crop_seconds > 0 else 1 << 40
+    return AugmentConfig(
+        crop_samples=crop,
+        shift_samples=int(cfg.shift_seconds * sample_rate),
+        crop_energy=cfg.crop_energy,
+        stretch=cfg.stretch,
+        mix=cfg.mix,
+        mix_prob=cfg.mix_prob,
+        mixup_alpha=cfg.mixup_alpha,
+        freq_masks=cfg.freq_masks,
+        freq_mask_width=cfg.freq_mask_width,
+        time_masks=cfg.time_masks,
+        time_mask_width=cfg.time_mask_width,
+    )
+
+
+def setup(cfg: TrainConfig) -> Run:
     rank, world = dist_info()
     device = resolve_device(cfg.device)
     setup_distributed(device)
-    gen = seed_everything(cfg.seed + rank)
+    if cfg.threads and device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels
+        # The FP32 front-end must be FP32 on a GPU too (TF32 keeps 10 mantissa bits); the CNN
+        # runs under bf16 autocast, which these flags do not touch.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    seed_everything(cfg.seed)  # identical initial weights on every rank
     out_dir = Path(cfg.out_dir)
     labels, train_clips, val_clips, data_info = prepare_data(cfg)
-    model_cfg = ModelConfig(**{**asdict(cfg.model), "n_classes": len(labels)})
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         log.info("data: %s", {k: v for k, v in data_info.items() if k != "val_stems"})
     t0 = time.time()
-    waves = torch.from_numpy(D.load_waveforms(train_clips))
+    waves = torch.from_numpy(D.load_waveforms(train_clips)).to(device)
     targets = torch.tensor([c.target for c in train_clips])
     val_waves = D.load_waveforms(val_clips) if val_clips and rank == 0 else None
     log.info("decoded %d clips in %.1fs", len(train_clips) + len(val_clips), time.time() - t0)
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model_cfg = ModelConfig(**{**asdict(cfg.model), "n_classes": len(labels)})
     model = AudioClassifier(model_cfg, FrontendConfig()).to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model.cnn.to(memory_format=torch.channels_last)
     cnn: nn.Module = model.cnn
     if world > 1:
         cnn = nn.parallel.DistributedDataParallel(
             model.cnn, device_ids=[device.index] if device.type == "cuda" else None
         )
+    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     steps_per_epoch = math.ceil(len(train_clips) / (cfg.batch_size * world))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.warmup_pct
+    total_steps = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(  # >= 2 warm-up steps: tiny runs stay defined
+        opt,
+        max_lr=cfg.lr,
+        total_steps=total_steps,
+        pct_start=min(0.5, max(cfg.warmup_pct, 2.5 / total_steps)),
     )
-    start_epoch = 0
+    start_epoch, metrics = 0, {}
     if cfg.resume and (out_dir / "last.pt").is_file():
         ckpt = load_checkpoint(out_dir / "last.pt")
         model.load_state_dict(ckpt["state_dict"])
+        if ema is not None and "ema_state_dict" in ckpt:
+            ema.model.load_state_dict(ckpt["ema_state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        start_epoch = ckpt["epoch"]
-        gen.manual_seed(cfg.seed + rank + 1000 * start_epoch)
+        start_epoch, metrics = ckpt["epoch"], ckpt.get("metrics") or {}
         log.info("resumed from %s at epoch %d", out_dir / "last.pt", start_epoch)
-
-    crop = int(cfg.crop_seconds * model.frontend.cfg.sample_rate) or waves.shape[1]
-    use_amp = cfg.amp and device.type == "cuda"
+    gen = torch.Generator(device=device)
+    aug = Augmenter(
+        waves, targets, len(labels), augment_config(cfg, FrontendConfig().sample_rate), gen
+    )
     info = {"train_config": _jsonable(cfg), "data": data_info, "code_version": code_version()}
-    metrics: dict = {}
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        t_epoch = time.time()
-        order = torch.randperm(
-            len(train_clips), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        )[rank::world]  # same permutation on every rank, sharded
-        sums = [0.0, 0.0, 0.0]  # loss * n, correct, n
-        bar = _progress(range(steps_per_epoch), f"epoch {epoch + 1}/{cfg.epochs}", rank)
-        for step in bar:
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            if len(idx) == 0:  # uneven shards: keep step counts equal across ranks
-                idx = order[: cfg.batch_size]
-            wave = random_crop(waves[idx], crop, gen).to(device)
-            y = targets[idx].to(device)
-            wave, y_a, y_b, lam = mix_batch(wave, y, cfg, gen)
-            feats = spec_augment(model.frontend(wave), cfg, gen)  # FP32 front-end
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = cnn(feats)
-            logits = logits.float()
-            loss = lam * F.cross_entropy(logits, y_a, label_smoothing=cfg.label_smoothing) + (
-                1 - lam
-            ) * F.cross_entropy(logits, y_b, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
-            sched.step()
-            n = len(idx)
-            sums[0] += loss.item() * n
-            sums[1] += (logits.argmax(1) == y_a).sum().item()
-            sums[2] += n
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{sums[1] / sums[2]:.3f}",
-                                lr=f"{sched.get_last_lr()[0]:.2e}")  # fmt: skip
-        loss_sum, correct, count = all_reduce_sum(sums, device)
-        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / count,
-                   "train_acc": correct / count, "lr": sched.get_last_lr()[0],
-                   "epoch_seconds": round(time.time() - t_epoch, 1)}  # fmt: skip
+    return Run(
+        cfg,
+        device,
+        rank,
+        world,
+        out_dir,
+        labels,
+        train_clips,
+        val_clips,
+        val_waves,
+        model,
+        cnn,
+        ema,
+        opt,
+        sched,
+        aug,
+        gen,
+        steps_per_epoch,
+        start_epoch,
+        info,
+        time.time(),
+        metrics,
+    )
+
+
+def train_step(run: Run, idx: torch.Tensor) -> tuple[float, int]:
+    """One optimiser step on the clips `idx`; returns (loss, correct w.r.t. the main label)."""
+    cfg, model = run.cfg, run.model
+    idx = idx.to(run.device)
+    y = run.aug.targets[idx]
+    wave, target = run.aug.mix(run.aug.waveforms(idx), y)
+    with torch.no_grad():  # the front-end has no weights to learn: keep it out of autograd
+        feats = run.aug.spec_augment(model.frontend(wave))  # FP32
+    if cfg.channels_last and run.device.type == "cuda":
+        feats = feats.contiguous(memory_format=torch.channels_last)
+    use_amp = cfg.amp and run.device.type == "cuda"
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        logits = run.cnn(feats)
+    logits = logits.float()
+    if cfg.label_smoothing:
+        target = target * (1 - cfg.label_smoothing) + cfg.label_smoothing / target.shape[1]
+    loss = -(target * F.log_softmax(logits, 1)).sum(1).mean()
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    run.opt.step()
+    run.sched.step()
+    if run.ema is not None:
+        run.ema.update(model, run.sched.last_epoch)
+    return loss.item(), int((logits.argmax(1) == target.argmax(1)).sum().item())
+
+
+def epoch_order(run: Run, epoch: int) -> torch.Tensor:
+    """This rank's clip order for an epoch: one permutation shared by all ranks, sharded."""
+    g = torch.Generator().manual_seed(run.cfg.seed * 1000 + epoch)
+    return torch.randperm(len(run.train_clips), generator=g)[run.rank :: run.world]
+
+
+def train_epoch(run: Run, epoch: int) -> dict:
+    cfg = run.cfg
+    run.model.train()
+    run.gen.manual_seed(cfg.seed * 1_000_003 + 7919 * run.rank + epoch)  # resumable randomness
+    t_epoch = time.time()
+    order = epoch_order(run, epoch)
+    sums = [0.0, 0.0, 0.0]  # loss * n, correct, n
+    bar = _progress(range(run.steps_per_epoch), f"epoch {epoch + 1}/{cfg.epochs}", run.rank)
+    for step in bar:
+        idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        if len(idx) == 0:  # uneven shards: keep step counts equal across ranks
+            idx = order[: cfg.batch_size]
+        loss, correct = train_step(run, idx)
+        sums[0] += loss * len(idx)
+        sums[1] += correct
+        sums[2] += len(idx)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", lr=f"{run.sched.get_last_lr()[0]:.2e}")
+    loss_sum, correct, count = all_reduce_sum(sums, run.device)
+    metrics = {
+        "epoch": epoch + 1,
+        "train_loss": loss_sum / count,
+        "train_acc": correct / count,
+        "lr": run.sched.get_last_lr()[0],
+        "epoch_seconds": round(time.time() - t_epoch, 2),
+    }
+    last = epoch + 1 == cfg.epochs
+    if (
+        run.rank == 0
+        and run.val_waves is not None
+        and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0))
+    ):
+        metrics.update(_validate(run))
+    return metrics
+
+
+def finish(run: Run) -> Path:
+    """Final checkpoint (the EMA weights when averaging; no optimizer state), validation report
+    and the validation logits (for pooling across folds and fitting a temperature)."""
+    summary = {k: v for k, v in run.metrics.items() if k.startswith(("val_", "train_", "epoch"))}
+    summary["wall_seconds"] = round(time.time() - run.t0, 1)
+    summary["device"] = device_name(run.device)
+    shipped = run.ema.model if run.ema is not None else run.model
+    if run.val_waves is not None:
+        y = np.array([c.target for c in run.val_clips])
+        outputs = {"raw": predict(run.model, run.val_waves, device=str(run.device))}
+        if run.ema is not None:
+            outputs["ema"] = predict(run.ema.model, run.val_waves, device=str(run.device))
+        logits = outputs["ema" if run.ema is not None else "raw"]
+        np.savez(
+            run.out_dir / "val_logits.npz",
+            stems=np.array([c.stem for c in run.val_clips]),
+            targets=y,
+            **{f"logits_{k}": v for k, v in outputs.items()},
+        )
+        report = classification_metrics(y, logits.argmax(1), run.labels)
+        write_report(
+            run.out_dir,
+            "validation",
+            report,
+            run.labels,
+            {
+                "split": "held-out validation (grouped by source recording)",
+                "weights": "ema" if run.ema is not None else "raw",
+            },
+        )
+        summary.update(
+            val_acc=report["accuracy"], val_macro_f1=report["macro_f1"], val_clips=report["n"]
+        )
+    final = run.out_dir / "final.pt"
+    save_checkpoint(
+        final,
+        shipped,
+        run.labels,
+        epoch=run.metrics.get("epoch"),
+        metrics=summary,
+        weights="ema" if run.ema is not None else "raw",
+        **run.info,
+    )
+    log.info("final checkpoint %s: %s", final, summary)
+    return final
+
+
+def train(cfg: TrainConfig) -> Path:
+    run = setup(cfg)
+    last = run.start_epoch >= cfg.epochs
+    for epoch in range(run.start_epoch, cfg.epochs):
+        run.metrics = train_epoch(run, epoch)
         last = epoch + 1 == cfg.epochs
-        if rank == 0 and val_waves is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
-            metrics.update(_validate(model, val_waves, val_clips, labels, device))
-        if rank == 0:
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            log.info("epoch %d: %s", epoch + 1, metrics)
-            save_checkpoint(out_dir / "last.pt", model, labels, epoch=epoch + 1,
-                            optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                            metrics=metrics, **info)  # fmt: skip
-        if cfg.stop_after and epoch + 1 == cfg.stop_after and not last:
+        stopping = cfg.stop_after and epoch + 1 == cfg.stop_after and not last
+        save = last or stopping or (epoch + 1) % max(cfg.save_every, 1) == 0
+        if run.rank == 0:
+            with open(run.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(run.metrics) + "\n")
+            log.info("epoch %d: %s", epoch + 1, run.metrics)
+        if run.rank == 0 and save:
+            extra = {"ema_state_dict": run.ema.model.state_dict()} if run.ema else {}
+            save_checkpoint(
+                run.out_dir / "last.pt",
+                run.model,
+                run.labels,
+                epoch=epoch + 1,
+                optimizer=run.opt.state_dict(),
+                scheduler=run.sched.state_dict(),
+                metrics=run.metrics,
+                **extra,
+                **run.info,
+            )
+        if stopping:
             log.info("stopping after epoch %d as asked; continue with --resume", epoch + 1)
             break
-    else:
-        last = True
-    if rank == 0 and last:
-        _finish(model, out_dir, labels, val_waves, val_clips, info, metrics, device,
-                time.time() - t0)  # fmt: skip
+    if run.rank == 0 and last:
+        finish(run)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return out_dir / "final.pt"
+    return run.out_dir / "final.pt"
 
 
-def _validate(model, val_waves, val_clips, labels, device) -> dict:
-    logits = predict(model, val_waves, device=str(device))
-    y = np.array([c.target for c in val_clips])
-    m = classification_metrics(y, logits.argmax(1), labels)
+def measure_throughput(
+    cfg: TrainConfig, steps: int = 20, warmup: int = 3, ready=lambda: None
+) -> dict:
+    """Training clips per second of this config on this machine (real steps, weights thrown
+    away). What `python -m train throughput` prints and what a time budget plans from.
+    `ready` is called after the warm-up and before the timing (a barrier between processes
+    that will share the device, so that each is timed while all of them run)."""
+    run = setup(cfg)
+    order = torch.arange(len(run.train_clips)).repeat(
+        math.ceil((steps + warmup) * cfg.batch_size / len(run.train_clips))
+    )
+    run.model.train()
+
+    def batch(i):
+        return order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+
+    for i in range(warmup):
+        train_step(run, batch(i))
+    _sync(run.device)
+    ready()
+    t = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        train_step(run, batch(i))
+    _sync(run.device)
+    seconds = time.perf_counter() - t
+    return {
+        "clips_per_s": steps * cfg.batch_size / seconds,
+        "step_s": seconds / steps,
+        "device": device_name(run.device),
+        "threads": torch.get_num_threads(),
+        "crop_seconds": cfg.crop_seconds,
+        "batch_size": cfg.batch_size,
+        "channels_last": cfg.channels_last,
+    }
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _validate(run: Run) -> dict:
+    model = run.ema.model if run.ema is not None else run.model
+    logits = predict(model, run.val_waves, device=str(run.device))
+    y = np.array([c.target for c in run.val_clips])
+    m = classification_metrics(y, logits.argmax(1), run.labels)
     val_loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)).item()
     return {"val_loss": val_loss, "val_acc": m["accuracy"], "val_macro_f1": m["macro_f1"]}
 
 
-def _finish(model, out_dir, labels, val_waves, val_clips, info, metrics, device, seconds):
-    """Final checkpoint (no optimizer state) and, with a validation split, its report."""
-    summary = {k: v for k, v in metrics.items() if k.startswith(("val_", "train_", "epoch"))}
-    summary["wall_seconds"] = round(seconds, 1)
-    summary["device"] = str(device) if device.type != "cuda" else torch.cuda.get_device_name()
-    if val_waves is not None:
-        logits = predict(model, val_waves, device=str(device))
-        y = np.array([c.target for c in val_clips])
-        report = classification_metrics(y, logits.argmax(1), labels)
-        write_report(
-            out_dir,
-            "validation",
-            report,
-            labels,
-            {"split": "held-out validation (grouped by source recording)"},
-        )
-        summary.update(val_acc=report["accuracy"], val_macro_f1=report["macro_f1"],
-                       val_clips=report["n"])  # fmt: skip
-    save_checkpoint(out_dir / "final.pt", model, labels, epoch=metrics.get("epoch"),
-                    metrics=summary, **info)  # fmt: skip
-    log.info("final checkpoint %s: %s", out_dir / "final.pt", summary)
-
-
 def _progress(it, desc: str, rank: int):
-    if rank != 0:
+    if rank != 0 or os.environ.get("TRAIN_PROGRESS", "1") != "1":
         return it
     try:
         from tqdm import tqdm

@@ -20,9 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from export.files import sha256_file
-from export.gpu import require_gpu, require_tensorrt
-from export.metadata import sidecar_path
+from contract.files import sha256_file
+from contract.gpu import require_gpu, require_tensorrt
+from contract.metadata import sidecar_path
 
 log = logging.getLogger("esc50.gpu-entrypoint")
 
@@ -45,9 +45,22 @@ def ensure_engine(onnx: Path, engine: Path, device: int, max_batch: int) -> None
         log.info(
             "no engine for this GPU and TensorRT in %s: building %s", engine.parent, engine.name
         )
-        cmd = [sys.executable, "-m", "export", "tensorrt", "--onnx", str(onnx),
-               "--out", str(engine), "--device", str(device), "--opt-batch", str(max_batch),
-               "--max-batch", str(max(max_batch, 64))]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "export",
+            "tensorrt",
+            "--onnx",
+            str(onnx),
+            "--out",
+            str(engine),
+            "--device",
+            str(device),
+            "--opt-batch",
+            str(max_batch),
+            "--max-batch",
+            str(max(max_batch, 64)),
+        ]
         subprocess.run(cmd, check=True)
 
 

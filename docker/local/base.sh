@@ -3,6 +3,7 @@
 #   local/debian:bookworm   debootstrap minbase, imported as an image
 #   local/python:3.11       Debian's python3 (3.11) + venv: a BASE_IMAGE for docker/Dockerfile
 #   local/prometheus:2      Debian's prometheus package, laid out like prom/prometheus
+#   local/haproxy:2         Debian's haproxy package, laid out like the official haproxy image
 #   local/locust:2          Locust from PyPI, like locustio/locust (only with LOCUST=1)
 # Each is built only when missing (FORCE=1 rebuilds). Needs root, debootstrap and a running dockerd.
 set -euo pipefail
@@ -27,7 +28,7 @@ else
     tar -C "$root" -c . | "$DOCKER" import -c 'CMD ["/bin/bash"]' - local/debian:bookworm >/dev/null
 fi
 
-images=(python:3.11 prometheus:2)
+images=(python:3.11 prometheus:2 haproxy:2)
 if [ "${LOCUST:-0}" = 1 ]; then images+=(locust:2); fi
 for img in "${images[@]}"; do
     if have "local/$img"; then

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from export.metadata import ArtifactMetadata
+from contract.metadata import ArtifactMetadata
 from service.settings import Settings
 
 

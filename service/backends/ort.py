@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata, MetadataError
+from contract.gpu import GPU_PROVIDERS
+from contract.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata, MetadataError
 from service.backends import BackendUnavailable
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-_GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
 
 
 class OrtBackend:
@@ -30,7 +29,7 @@ class OrtBackend:
             providers=[_with_options(p, settings) for p in providers],
         )
         props = dict(self.session.get_modelmeta().custom_metadata_map)
-        # Same parsing and validation as export.metadata.read_onnx_metadata, without reading
+        # Same parsing and validation as contract.metadata.read_onnx_metadata, without reading
         # the file a second time.
         self.metadata = ArtifactMetadata.from_props(props)
         _check_io(self.session, self.metadata)
@@ -52,9 +51,7 @@ def _check_providers(requested: list[str]) -> list[str]:
     missing = [p for p in requested if p not in available]
     if missing:
         hint = (
-            " (install onnxruntime-gpu: pip install .[gpu])"
-            if _GPU_PROVIDERS & set(missing)
-            else ""
+            " (install onnxruntime-gpu: pip install .[gpu])" if GPU_PROVIDERS & set(missing) else ""
         )
         raise BackendUnavailable(
             f"onnxruntime {ort.__version__} lacks {', '.join(missing)}; "
@@ -64,7 +61,7 @@ def _check_providers(requested: list[str]) -> list[str]:
 
 
 def _with_options(provider: str, settings: Settings) -> str | tuple[str, dict]:
-    if provider in _GPU_PROVIDERS:
+    if provider in GPU_PROVIDERS:
         return provider, {"device_id": settings.device_id}
     return provider
 

@@ -1,4 +1,5 @@
-"""TensorRT backend: the `.plan` from `make export-trt`, run by export.trt_runtime (no torch).
+"""TensorRT backend: the `.plan` from `make export-trt`, run by contract.tensorrt_runtime
+(no torch).
 
 An engine only runs on the TensorRT version and GPU architecture it was built for; the runner
 checks the sidecar `<engine>.json` against this machine before deserialising, and a mismatch
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.errors import ExportError
-from export.trt_runtime import EngineMismatchError, TrtRunner
+from contract.errors import ExportError
+from contract.tensorrt_runtime import EngineMismatchError, TrtRunner
 from service.backends import BackendUnavailable
 from service.settings import Settings
 

@@ -8,6 +8,15 @@ from typing import Any
 
 from .errors import ExportError
 
+# ONNX Runtime execution providers that run on a CUDA GPU (onnxruntime-gpu; take a device_id)
+GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
+
+# TensorRT engine defaults, for `export tensorrt` and its BuildConfig alike
+TRT_MIN_BATCH = 1  # smallest batch the engine accepts
+TRT_OPT_BATCH = 16  # batch the kernels are tuned for (the service's default max_batch_size)
+TRT_MAX_BATCH = 64  # largest batch the engine accepts
+TRT_WORKSPACE_MIB = 4096  # scratch memory TensorRT may use while running layers
+
 GPU_HINT = (
     "run it on a CUDA machine with `pip install -e '.[gpu]'`, or inside the GPU image "
     "(docker build -f docker/Dockerfile.gpu .)"

@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import ExportError
 from .gpu import GPU_HINT, cudart, require_gpu, require_tensorrt
-from .metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata, read_sidecar
+from .metadata import INPUT_NAME, OUTPUT_NAME, read_sidecar
 
 
 class EngineMismatchError(ExportError):
@@ -70,10 +70,6 @@ class TrtRunner:
         self.d_out = _check(self.rt, self.rt.cudaMalloc(out_bytes))
         self.context.set_tensor_address(INPUT_NAME, int(self.d_in))
         self.context.set_tensor_address(OUTPUT_NAME, int(self.d_out))
-
-    @property
-    def metadata(self) -> ArtifactMetadata:
-        return self.meta
 
     def __call__(self, waveforms: np.ndarray) -> np.ndarray:
         """(B, clip_samples) float32 -> (B, n_classes) float32; B may exceed max_batch."""

@@ -21,6 +21,27 @@ OUTPUT_NAME = "logits"  # (B, n_classes) float32
 SUPPORTED_FRONTEND = {"mel_scale": {"htk"}, "window": {"hann"}, "normalize": {"per_example"}}
 
 
+BUILTIN_PROPS = frozenset(
+    {
+        "format_version",
+        "model_name",
+        "model_version",
+        "variant",
+        "labels",
+        "sample_rate",
+        "clip_samples",
+        "frontend",
+        "model_config",
+        "checkpoint_sha256",
+        "metrics",
+        "data",
+        "calibration",
+        "input_name",
+        "output_name",
+    }
+)
+
+
 class MetadataError(ValueError):
     """An artifact's metadata is missing, malformed or asks for something we cannot honour."""
 
@@ -34,14 +55,25 @@ class ArtifactMetadata:
     clip_samples: int
     frontend: dict[str, Any]
     model_config: dict[str, Any] = field(default_factory=dict)
-    variant: str = "fp32"  # fp32 | fp16 | int8
+    variant: str = "fp32"  # fp32 | fp16 | int8 | explain (fp32 with extra outputs)
     checkpoint_sha256: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    # {"temperature": T, ...}: probabilities are softmax(logits / T), T fitted on validation
+    # logits when the model was trained; absent means T = 1 (the logits as they are).
+    calibration: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def temperature(self) -> float:
+        return float(self.calibration.get("temperature", 1.0))
+
     def to_props(self) -> dict[str, str]:
-        """Flatten to ONNX `metadata_props` (all strings)."""
+        """Flatten to ONNX `metadata_props` (all strings). An `extra` key may not reuse a
+        built-in one: it would silently replace it (as once an int8 note did the calibration)."""
+        clash = sorted(set(self.extra) & BUILTIN_PROPS)
+        if clash:
+            raise MetadataError(f"artifact metadata extra keys clash with built-in ones: {clash}")
         return {
             "format_version": FORMAT_VERSION,
             "model_name": self.model_name,
@@ -55,6 +87,7 @@ class ArtifactMetadata:
             "checkpoint_sha256": self.checkpoint_sha256,
             "metrics": json.dumps(self.metrics, sort_keys=True),
             "data": json.dumps(self.data, sort_keys=True),
+            "calibration": json.dumps(self.calibration, sort_keys=True),
             "input_name": INPUT_NAME,
             "output_name": OUTPUT_NAME,
             **{k: v if isinstance(v, str) else json.dumps(v) for k, v in self.extra.items()},
@@ -62,11 +95,6 @@ class ArtifactMetadata:
 
     @classmethod
     def from_props(cls, props: dict[str, str]) -> ArtifactMetadata:
-        known = {
-            "format_version", "model_name", "model_version", "variant", "labels", "sample_rate",
-            "clip_samples", "frontend", "model_config", "checkpoint_sha256", "metrics", "data",
-            "input_name", "output_name",
-        }  # fmt: skip
         required = ("labels", "sample_rate", "clip_samples", "frontend")
         missing = [k for k in required if k not in props]
         if missing:
@@ -88,7 +116,8 @@ class ArtifactMetadata:
                 checkpoint_sha256=props.get("checkpoint_sha256", ""),
                 metrics=json.loads(props.get("metrics", "{}")),
                 data=json.loads(props.get("data", "{}")),
-                extra={k: v for k, v in props.items() if k not in known},
+                calibration=json.loads(props.get("calibration", "{}")),
+                extra={k: v for k, v in props.items() if k not in BUILTIN_PROPS},
             )
         except (ValueError, TypeError) as e:
             raise MetadataError(f"artifact metadata is malformed: {e}") from None
@@ -112,6 +141,8 @@ def validate_metadata(meta: ArtifactMetadata) -> None:
         raise MetadataError("artifact metadata has no labels")
     if meta.sample_rate <= 0 or meta.clip_samples <= 0:
         raise MetadataError("artifact sample_rate and clip_samples must be positive")
+    if not 0.01 <= meta.temperature <= 100:
+        raise MetadataError(f"artifact calibration temperature {meta.temperature} is not sane")
     fe = meta.frontend
     if fe.get("sample_rate", meta.sample_rate) != meta.sample_rate:
         raise MetadataError("front-end sample_rate disagrees with the artifact's sample_rate")
@@ -159,3 +190,49 @@ def read_sidecar(engine_path: str | Path) -> tuple[ArtifactMetadata, dict]:
         return ArtifactMetadata.from_props(doc["metadata"]), doc["engine"]
     except (ValueError, KeyError) as e:
         raise MetadataError(f"sidecar {p} is malformed: {e}") from None
+
+
+# --- the explain artifact --------------------------------------------------------------------
+# An fp32 graph with the same input and `logits` output as the served ones, plus the tensors a
+# page needs to show what the CNN saw and where its evidence lies. Its metadata names them under
+# EXPLAIN_KEY, so the service never guesses outputs by position.
+
+EXPLAIN_VARIANT = "explain"
+EXPLAIN_KEY = "explain_outputs"
+
+
+@dataclass(frozen=True)
+class ExplainOutputs:
+    logmel: str = "logmel"  # (B, 1, n_mels, frames): the normalised log-mel the CNN sees
+    stages: tuple[str, ...] = ()  # (B, C, H, W) feature maps, input side first
+    classifier_weight: str = "classifier_weight"  # (n_classes, C_last): the linear layer
+    classifier_bias: str = "classifier_bias"  # (n_classes,)
+
+    @property
+    def cam_maps(self) -> str:
+        """The last stage: global average pooling + the linear layer turn it into logits, so a
+        class's weighted channel sum over it is the class activation map."""
+        return self.stages[-1]
+
+    def names(self) -> list[str]:
+        """Every output, `logits` first, in graph order."""
+        extra = [self.logmel, *self.stages, self.classifier_weight, self.classifier_bias]
+        return [OUTPUT_NAME, *extra]
+
+    def to_prop(self) -> str:
+        return json.dumps({**self.__dict__, "stages": list(self.stages)}, sort_keys=True)
+
+    @classmethod
+    def from_metadata(cls, meta: ArtifactMetadata) -> ExplainOutputs:
+        """Read them from an explain artifact's metadata; MetadataError if it is not one."""
+        raw = meta.extra.get(EXPLAIN_KEY)
+        if meta.variant != EXPLAIN_VARIANT or raw is None:
+            raise MetadataError(f"not an explain artifact: {meta.variant}, no {EXPLAIN_KEY}")
+        try:
+            doc = json.loads(raw) if isinstance(raw, str) else raw
+            out = cls(**{**doc, "stages": tuple(doc["stages"])})
+        except (ValueError, TypeError, KeyError) as e:
+            raise MetadataError(f"{EXPLAIN_KEY} is malformed: {e}") from None
+        if not out.stages or not all(isinstance(s, str) for s in out.names()):
+            raise MetadataError(f"{EXPLAIN_KEY} names no feature-map stages")
+        return out
