@@ -59,6 +59,14 @@ pick_compose() {
     "${COMPOSE[@]}" version
 }
 
+# The images the smokes run: local stand-ins unless the caller names registry images.
+smoke_images() {
+    export BASE_IMAGE=${BASE_IMAGE:-local/python:3.11}
+    export PROMETHEUS_IMAGE=${PROMETHEUS_IMAGE:-local/prometheus:2}
+    export LB_IMAGE=${LB_IMAGE:-local/haproxy:2}
+    export API_IMAGE=${API_IMAGE:-esc50-serve:cpu}
+}
+
 # Local stand-ins for the registry images the stack names, then the CPU image (cached layers
 # make a rebuild take seconds). Build output goes to $1.
 prepare_images() {

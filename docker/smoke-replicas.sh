@@ -13,10 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source docker/lib.sh
 t_start=$(date +%s)
-export BASE_IMAGE=${BASE_IMAGE:-local/python:3.11}
-export PROMETHEUS_IMAGE=${PROMETHEUS_IMAGE:-local/prometheus:2}
-export LB_IMAGE=${LB_IMAGE:-local/haproxy:2}
-export API_IMAGE=${API_IMAGE:-esc50-serve:cpu}
+smoke_images
 export API_PORT=${SMOKE_API_PORT:-18100} PROMETHEUS_PORT=${SMOKE_PROMETHEUS_PORT:-19190}
 export COMPOSE_PROJECT_NAME=esc50-replicas
 API=http://127.0.0.1:$API_PORT

@@ -11,11 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source docker/lib.sh
 t_start=$(date +%s)
-export BASE_IMAGE=${BASE_IMAGE:-local/python:3.11}
-export PROMETHEUS_IMAGE=${PROMETHEUS_IMAGE:-local/prometheus:2}
+smoke_images
 export GRAFANA_IMAGE=${GRAFANA_IMAGE:-grafana/grafana:11.1.0}
-export LB_IMAGE=${LB_IMAGE:-local/haproxy:2}
-export API_IMAGE=${API_IMAGE:-esc50-serve:cpu}
 # Ports of their own, so the smoke never meets a `make serve` or a user's stack.
 export API_PORT=${SMOKE_API_PORT:-18000} PROMETHEUS_PORT=${SMOKE_PROMETHEUS_PORT:-19090}
 export GRAFANA_PORT=${SMOKE_GRAFANA_PORT:-13000}

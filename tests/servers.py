@@ -6,7 +6,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,16 +29,7 @@ def serve(settings: Settings, backend_loader=None) -> Iterator[str]:
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        for _ in range(600):  # up to ~60 s on a loaded machine
-            assert thread.is_alive(), "server failed to start"
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        else:
-            pytest.fail("server never became ready")
+        poll_ready(base, lambda: None if thread.is_alive() else "the server thread died", 60)
         yield base
     finally:
         server.should_exit = True
@@ -59,14 +50,30 @@ def wait_ready(
     """Wait for a server process's /readyz; the test fails (with the tail of `log`, if given)
     when the process exits first or never gets ready."""
     tail = (lambda: log.read_text()[-2000:]) if log else (lambda: "")
+
+    def dead() -> str | None:
+        return None if proc.poll() is None else f"the service exited with {proc.returncode}"
+
+    poll_ready(base, dead, timeout_s, tail)
+
+
+def poll_ready(
+    base: str,
+    dead: Callable[[], str | None],
+    timeout_s: float,
+    tail: Callable[[], str] = lambda: "",
+) -> None:
+    """Poll `base`/readyz until it answers 200; fail the test if `dead()` names a reason first
+    or the time runs out (with `tail()`, e.g. the end of the server's log)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the service exited with {proc.returncode} before ready: {tail()}")
+        reason = dead()
+        if reason:
+            pytest.fail(f"{reason} before it was ready: {tail()}")
         try:
             if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
-        time.sleep(0.2)
-    pytest.fail(f"the service was not ready after {timeout_s:.0f} s: {tail()}")
+        time.sleep(0.1)
+    pytest.fail(f"not ready after {timeout_s:.0f} s: {tail()}")
