@@ -9,6 +9,7 @@ exported graph; this only decodes (libsndfile), downmixes (channel mean) and res
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from .errors import AudioTooLong, InvalidAudio, UnsupportedAudio
+from .errors import AudioTooLarge, AudioTooLong, InvalidAudio, UnsupportedAudio
 
 SAMPLE_RATE = 44100  # Hz; the rate the models are trained and exported at (ESC-50's own)
 CLIP_SECONDS = 5  # seconds per example (an ESC-50 clip)
@@ -24,8 +25,15 @@ CLIP_SAMPLES = SAMPLE_RATE * CLIP_SECONDS  # 220500 samples
 
 SNDFILE_FORMATS = frozenset(sf.available_formats())  # what this libsndfile build can read
 MP3_SUPPORTED = "MP3" in SNDFILE_FORMATS  # libsndfile >= 1.1 built with mpg123/lame
-MAX_CHANNELS = 32
-MAX_SAMPLE_RATE = 384_000
+# Defaults of the caps on what a header may claim; the service passes its own settings.
+# Decoding is blocked, so neither bounds memory: they refuse absurd headers (libsndfile accepts
+# up to 1024 channels and any rate) before any work, and bound a block's decoding CPU.
+MAX_CHANNELS = 32  # 22.2 surround is 24; more is a crafted file, not a recording
+MAX_SAMPLE_RATE = 384_000  # the highest rate audio interfaces record at (DXD)
+# Samples (frames x channels) decoded per block: 1 MiB of float32, so one block stays small
+# even at MAX_CHANNELS x MAX_SAMPLE_RATE (about 1/45 s there; about 3 s of mono 44.1 kHz).
+DECODE_BLOCK_SAMPLES = 1 << 18
+SF_COUNT_MAX = 2**63 - 1  # libsndfile's frame count when a header does not know the length
 SUPPORTED_TEXT = "WAV (8/16/24/32-bit int, float), FLAC, Ogg Vorbis/Opus" + (
     ", MP3" if MP3_SUPPORTED else ""
 )
@@ -68,12 +76,22 @@ def sniff(data: bytes) -> str | None:
 
 
 def read_audio(
-    source: bytes | str | Path, sample_rate: int = SAMPLE_RATE, max_duration_s: float | None = None
+    source: bytes | str | Path,
+    sample_rate: int = SAMPLE_RATE,
+    max_duration_s: float | None = None,
+    max_channels: int = MAX_CHANNELS,
+    max_source_rate: int = MAX_SAMPLE_RATE,
 ) -> DecodedAudio:
     """Decode any libsndfile format to mono float32 at `sample_rate`, full length.
 
-    Raises UnsupportedAudio, AudioTooLong (past `max_duration_s`, from the header when it says)
-    or InvalidAudio; for a path the message starts with it.
+    Decodes in blocks of DECODE_BLOCK_SAMPLES, downmixing and resampling each (soxr's stream
+    gives the same samples as one call on the whole signal), so memory is the output plus one
+    block, whatever the input's channel count or rate. With `max_duration_s`, a Budget bounds
+    the output's length and the samples decoded, from the header before decoding anything and
+    again while decoding, for headers that do not know (or misstate) their length.
+
+    Raises UnsupportedAudio, AudioTooLong, AudioTooLarge or InvalidAudio; for a path the
+    message starts with it.
     """
     where = "" if isinstance(source, bytes) else f"{source}: "
     try:
@@ -82,38 +100,127 @@ def read_audio(
         raise _undecodable(source, where) from None
     with f:
         fmt = f"{f.format}/{f.subtype}"
-        if not 0 < f.channels <= MAX_CHANNELS or not 0 < f.samplerate <= MAX_SAMPLE_RATE:
+        if not 0 < f.channels <= max_channels or not 0 < f.samplerate <= max_source_rate:
             raise UnsupportedAudio(
                 f"{where}recognised {fmt} with {f.channels} channels at {f.samplerate} Hz; "
-                f"need 1-{MAX_CHANNELS} channels at up to {MAX_SAMPLE_RATE} Hz"
+                f"need 1-{max_channels} channels at up to {max_source_rate} Hz"
             )
-        # The header's length is checked before decoding anything: no work for too-long audio.
-        if max_duration_s is not None and f.frames > 0:
-            _check_duration(f.frames / f.samplerate, max_duration_s, where)
+        budget = None
+        if max_duration_s is not None:
+            budget = Budget(f, max_duration_s, max_source_rate, where)
+            if 0 < f.frames < SF_COUNT_MAX:
+                budget.check(f.frames, header=True)
         try:
-            samples = f.read(dtype="float32", always_2d=True)  # (frames, channels)
+            mono, frames = _decode_blocks(f, sample_rate, budget, f"{where}decoded {fmt}, but")
         except (sf.LibsndfileError, RuntimeError):
             raise _undecodable(source, where) from None
         rate, channels = f.samplerate, f.channels
-    if samples.shape[0] == 0:
+    if frames == 0:
         raise InvalidAudio(f"{where}decoded {fmt}, but it holds no audio samples")
-    duration_s = samples.shape[0] / rate
-    if max_duration_s is not None:  # headers of streamed files may not know their length
-        _check_duration(duration_s, max_duration_s, where)
-    if not np.isfinite(samples).all():
-        raise InvalidAudio(f"{where}decoded {fmt}, but it contains NaN or infinite samples")
-    mono = samples.mean(axis=1, dtype=np.float32) if channels > 1 else samples[:, 0]
-    if rate != sample_rate:
-        mono = soxr.resample(mono, rate, sample_rate, quality="HQ")
-    mono = np.ascontiguousarray(mono, dtype=np.float32)
-    return DecodedAudio(mono, rate, channels, fmt, duration_s)
+    return DecodedAudio(mono, rate, channels, fmt, frames / rate)
 
 
-def _check_duration(duration_s: float, max_duration_s: float, where: str) -> None:
-    if duration_s > max_duration_s:
-        raise AudioTooLong(
-            f"{where}audio is {duration_s:.1f} s long; the limit is {max_duration_s:g} s"
+class Budget:
+    """What one file may cost: at most `max_duration_s` of audio, and at most as many decoded
+    samples (frames x channels) as `max_duration_s` of one channel at `max_source_rate`. The
+    second bounds decoding CPU: a few hundred KB of FLAC silence can claim 8 channels at
+    384 kHz (340 M samples, seconds of CPU for audio the downmix averages away); no real
+    recording under the service's body limit comes near it."""
+
+    def __init__(self, f: sf.SoundFile, max_duration_s: float, max_source_rate: int, where: str):
+        self.rate, self.channels, self.where = f.samplerate, f.channels, where
+        self.max_duration_s, self.max_source_rate = max_duration_s, max_source_rate
+        self.max_samples = math.floor(max_duration_s * max_source_rate)
+        self.max_frames = min(
+            math.floor(max_duration_s * self.rate), self.max_samples // self.channels
         )
+
+    def check(self, frames: int, header: bool) -> None:
+        """Raise AudioTooLong / AudioTooLarge if `frames` is past the budget: all of the file
+        (from its header) or what decoding has reached so far."""
+        if frames <= self.max_frames:
+            return
+        seconds, samples = frames / self.rate, frames * self.channels
+        # from the header: the whole file; while decoding: where it stopped (no header length)
+        if header:
+            length, count = f"{seconds:.1f} s long", f"{samples:,} samples"
+        else:
+            length = f"longer than {self.max_duration_s:g} s (its header did not say)"
+            count = f"more than {self.max_samples:,} samples (its header did not say how many)"
+        if seconds > self.max_duration_s:
+            raise AudioTooLong(
+                f"{self.where}audio is {length}; the limit is {self.max_duration_s:g} s"
+            )
+        raise AudioTooLarge(
+            f"{self.where}{self.channels} channels at {self.rate} Hz are {count} to decode; "
+            f"the limit is {self.max_samples:,} ({self.max_duration_s:g} s of one channel at "
+            f"{self.max_source_rate} Hz)"
+        )
+
+
+def _decode_blocks(
+    f: sf.SoundFile, sample_rate: int, budget: Budget | None, but: str
+) -> tuple[np.ndarray, int]:
+    """(mono float32 at `sample_rate`, frames decoded): block by block into one reused buffer,
+    the output written into one array sized from the header (grown if the header was short)."""
+    rate, channels = f.samplerate, f.channels
+    block = np.empty((max(1, DECODE_BLOCK_SAMPLES // channels), channels), np.float32)
+    stream = None
+    if rate != sample_rate:
+        stream = soxr.ResampleStream(rate, sample_rate, 1, dtype="float32", quality="HQ")
+    known = 0 < f.frames < SF_COUNT_MAX
+    out = _Output(math.ceil(f.frames * sample_rate / rate) + 64 if known else sample_rate)
+    frames, more = 0, True
+    while more:
+        samples, more = _read_block(f, block)  # (n, channels), a view of `block`
+        frames += len(samples)
+        if budget is not None:
+            budget.check(frames, header=False)
+        if not np.isfinite(samples).all():
+            raise InvalidAudio(f"{but} it contains NaN or infinite samples")
+        mono = samples.mean(axis=1, dtype=np.float32) if channels > 1 else samples[:, 0]
+        out.append(mono if stream is None else stream.resample_chunk(mono, last=False))
+    if stream is not None and frames:
+        out.append(stream.resample_chunk(np.zeros(0, np.float32), last=True))
+    return out.samples(), frames
+
+
+class _Output:
+    """A growing float32 array: one allocation when the size is known in advance."""
+
+    def __init__(self, capacity: int) -> None:
+        self.buffer, self.n = np.empty(capacity, np.float32), 0
+
+    def append(self, x: np.ndarray) -> None:
+        if self.n + len(x) > len(self.buffer):  # the header said less, or nothing: double
+            grown = np.empty(max(2 * len(self.buffer), self.n + len(x)), np.float32)
+            grown[: self.n] = self.buffer[: self.n]
+            self.buffer = grown
+        self.buffer[self.n : self.n + len(x)] = x
+        self.n += len(x)
+
+    def samples(self) -> np.ndarray:
+        """The samples written (a view: the spare capacity is a few samples when known)."""
+        return self.buffer[: self.n]
+
+
+def _read_block(f: sf.SoundFile, block: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The next frames, read into `block`: ((n, channels), whether more may follow).
+
+    For a stream of unknown length (a FLAC whose encoder did not know it), libsndfile fills
+    the buffer on the read that reaches the end, then soundfile fails to move its position
+    there and the count is lost. So the buffer is marked NaN first, and the frames read are
+    the rows before the first one left NaN (integer PCM never decodes to NaN)."""
+    if f.frames == SF_COUNT_MAX:
+        block.fill(np.nan)
+    try:
+        samples = f.read(len(block), dtype="float32", always_2d=True, out=block)
+    except sf.LibsndfileError:
+        if f.frames != SF_COUNT_MAX:
+            raise
+        unread = np.isnan(block[:, 0])
+        return block[: int(unread.argmax()) if unread.any() else len(block)], False
+    return samples, len(samples) == len(block)
 
 
 def _undecodable(source: bytes | str | Path, where: str) -> UnsupportedAudio:

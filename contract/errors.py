@@ -23,7 +23,11 @@ class UnsupportedAudio(AudioError):
 
 
 class AudioTooLong(AudioError):
-    """Longer than the caller's limit (checked from the header before decoding)."""
+    """Longer than the caller's limit (from the header before decoding, or while decoding)."""
+
+
+class AudioTooLarge(AudioError):
+    """More samples to decode (frames x channels) than the caller's budget allows."""
 
 
 class InvalidAudio(AudioError):

@@ -29,10 +29,17 @@ wait_for() {  # wait_for SECONDS WHAT CMD...: retry CMD every 2 s
     echo "ok: $what ($((SECONDS - t0))s)"
 }
 
+# The pid of the dockerd that ensure_engine started; empty when an engine was already running.
+STARTED_DOCKERD=
+
 # The engine (installed from Debian and started when missing) and a client for it in $DOCKER.
+# The packages stay installed. A dockerd started here is stopped at the end of the script
+# (stop_started_engine, also on failure) unless KEEP_DOCKER=1 or CI=true keep it for what runs
+# next; one that was already running is left alone.
 ensure_engine() {
     if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null \
         || ! command -v curl >/dev/null; then
+        echo "apt-get install docker.io debootstrap curl (they stay installed)"
         apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
             docker.io debootstrap curl >/dev/null
     fi
@@ -40,9 +47,45 @@ ensure_engine() {
     if ! "$DOCKER" info >/dev/null 2>&1; then
         echo "starting dockerd (log: /tmp/esc50-dockerd.log)"
         nohup dockerd >/tmp/esc50-dockerd.log 2>&1 &
+        STARTED_DOCKERD=$!
+        trap stop_started_engine EXIT  # the script's own cleanup trap calls it too
         wait_for 60 "docker engine up" "$DOCKER" info
     fi
     "$DOCKER" version --format 'docker engine {{.Server.Version}}, client {{.Client.Version}}'
+}
+
+children_of() {  # children_of PID: the pids whose parent is PID (from /proc; no procps needed)
+    local stat
+    for stat in /proc/[0-9]*/stat; do
+        # field 4 is the parent pid; field 2, the name in parentheses, is cut off first
+        if [ "$(sed 's/.*) //' "$stat" 2>/dev/null | cut -d' ' -f2)" = "$1" ]; then
+            stat=${stat#/proc/}
+            echo "${stat%/stat}"
+        fi
+    done
+}
+
+# Stop the dockerd this script started and the containerd it started under it, so a smoke
+# leaves no daemon behind. KEEP_DOCKER=1 or CI=true leave it running: .ci/run runs the replica
+# smoke and then the docker-marked tests after this one. Images stay cached either way.
+stop_started_engine() {
+    [ -n "$STARTED_DOCKERD" ] || return 0
+    if [ "${KEEP_DOCKER:-0}" = 1 ] || [ "${CI:-}" = true ]; then
+        echo "dockerd (pid $STARTED_DOCKERD) left running (KEEP_DOCKER=1 or CI=true)"
+        return 0
+    fi
+    local pid children i
+    children=$(children_of "$STARTED_DOCKERD")
+    step "stop dockerd (pid $STARTED_DOCKERD), started by this script (KEEP_DOCKER=1 keeps it)"
+    kill -TERM "$STARTED_DOCKERD" 2>/dev/null || true
+    for i in $(seq 30); do
+        kill -0 "$STARTED_DOCKERD" 2>/dev/null || break
+        sleep 1
+    done
+    # dockerd stops the containerd it supervises; anything of its own still there goes now
+    for pid in $children; do kill -TERM "$pid" 2>/dev/null || true; done
+    if kill -0 "$STARTED_DOCKERD" 2>/dev/null; then echo "dockerd still stopping after ${i}s" >&2; fi
+    STARTED_DOCKERD=
 }
 
 # A compose client in the COMPOSE array: the engine's plugin, else the one pip installs.

@@ -40,6 +40,7 @@ cleanup() {
     "${COMPOSE[@]}" down -v --remove-orphans --timeout 30 || true
     echo "replica smoke $([ "$rc" -eq 0 ] && echo PASSED || echo FAILED) in $(($(date +%s) - t_start))s"
     rm -rf "$WORK"
+    stop_started_engine
 }
 trap cleanup EXIT
 

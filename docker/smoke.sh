@@ -49,6 +49,7 @@ cleanup() {
     if [ "$rc" -ne 0 ]; then "${COMPOSE[@]}" logs --no-color --tail 40 || true; fi
     "${COMPOSE[@]}" down -v --remove-orphans --timeout 30 || true
     echo "smoke $([ "$rc" -eq 0 ] && echo PASSED || echo FAILED) in $(($(date +%s) - t_start))s"
+    stop_started_engine
 }
 trap cleanup EXIT
 

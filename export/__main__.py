@@ -1,4 +1,4 @@
-"""`python -m export {onnx,tensorrt,verify,triton} ...`: checkpoint -> served artifacts, checked.
+"""`python -m export {onnx,tensorrt,verify,foldwise-int8,triton} ...`: checked artifacts.
 
 Every expected failure (missing or incompatible checkpoint, unknown variant, unwritable output,
 no TensorRT/GPU, a failed verification) ends with one line on stderr and a non-zero exit.
@@ -44,6 +44,10 @@ def onnx_main(args: argparse.Namespace) -> int:
         ckpt, args.checkpoint, args.model_name or prefix_of(args.checkpoint).name
     )
     prefix = Path(args.out_prefix) if args.out_prefix else prefix_of(args.checkpoint)
+    try:  # `make export` writes into build/, which a fresh clone lacks
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot write {prefix}.*: {e.strerror}") from None
     if "int8" in args.variants and not args.data_root:
         raise ExportError("the int8 variant is calibrated on real clips: pass --data-root")
     for variant in ("fp32", "fp16"):
@@ -149,6 +153,32 @@ def verify_main(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- foldwise-int8
+
+
+def foldwise_main(args: argparse.Namespace) -> int:
+    from .foldwise import FoldwiseGate, check_report, run_foldwise
+
+    if args.check:  # raises VerificationFailed (exit 1) when the report says the gate failed
+        print(f"fold-wise int8 gate passed: {check_report(args.check)['pooled']}")
+        return 0
+    if not (args.cv_dir and args.data_root):
+        raise ExportError("pass --cv-dir and --data-root (or --check REPORT.json)")
+    out = Path(args.out or args.cv_dir / "foldwise-int8")
+    run_foldwise(
+        args.cv_dir,
+        args.data_root,
+        out,
+        args.variant,
+        FoldwiseGate(args.max_accuracy_drop),
+        args.calibration_clips,
+        args.calibration_method,
+        [part for part in args.keep_fp32.split(",") if part],
+    )  # raises VerificationFailed (exit 1) after writing the report when the gate fails
+    print(out.with_name(out.name + ".md").read_text())
+    return 0
+
+
 def _expected_errors() -> tuple[type[Exception], ...]:
     """Errors that are the user's to fix: one line each, no traceback."""
     from contract.metadata import MetadataError
@@ -220,6 +250,32 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=int, default=16)
     v.add_argument("--out", help="report prefix: OUT.json and OUT.md (default: PREFIX.verify)")
     v.set_defaults(func=verify_main)
+
+    fw = sub.add_parser(
+        "foldwise-int8",
+        help="each CV fold's model: int8 vs fp32 on its own validation clips; the int8 gate",
+    )
+    fw.add_argument("--cv-dir", type=Path, help="out dir of `python -m train cv`")
+    fw.add_argument("--data-root", type=Path, help="the ESC-50 folder the CV run used")
+    fw.add_argument("--variant", help="CV variant (default: the report's chosen one)")
+    fw.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=0.005,
+        help="pooled int8 accuracy may trail fp32 by this much (0.005 = 0.5 points)",
+    )
+    fw.add_argument("--calibration-clips", type=int, default=32, help="per fold, training clips")
+    fw.add_argument("--calibration-method", default="percentile", help="percentile | minmax")
+    fw.add_argument(
+        "--keep-fp32", default="classifier", help="CNN parts left in FP32 (stem, classifier)"
+    )
+    fw.add_argument(
+        "--out", help="report prefix: OUT.json and OUT.md (default CV_DIR/foldwise-int8)"
+    )
+    fw.add_argument(
+        "--check", type=Path, help="only re-read a written report.json and fail unless it passed"
+    )
+    fw.set_defaults(func=foldwise_main)
 
     tr = sub.add_parser("triton", help="artifacts -> Triton Inference Server model repository")
     tr.add_argument(

@@ -9,15 +9,17 @@ or the dB scale would cost far more accuracy than it saves time. So does the cla
 Everything from the normalised log-mel to the pooled features is quantised, the stem conv
 included: the activation quantisation then sits before the stem's MaxPool (max commutes with a
 monotone quantiser) and ONNX Runtime runs the whole CNN in NHWC (QLinearConv, NhwcMaxPool,
-QLinearAdd) with one Transpose in and one out. With the stem in FP32 the graph had an FP32 conv,
-a ReorderOutput, an NCHW uint8 MaxPool and Transposes around every residual Add of stage 1:
-10.0 vs 7.0 ms per clip, fp32 18.0 (ORT 1.32, 2 threads, batch 16, 2-core AMD EPYC with
-AVX-512 VNNI, a shared machine: indicative).
-Percentile ranges (99.999%) instead of MinMax keep that accurate: on the shipped model and all
-651 local clips, top-1 agreement with fp32 was 99.4% (MinMax: 97.2%; MinMax with the stem in
-FP32: 97.4%). `fp32_islands` lists what ONNX Runtime still runs outside int8 between quantised
-ops; tests keep it empty.
-Dynamic quantisation is not offered: on this model it was ~4x slower than fp32.
+QLinearAdd) with one Transpose in and one out; with the stem in FP32 the graph gets an FP32
+conv, a ReorderOutput, an NCHW uint8 MaxPool and Transposes around every residual Add of
+stage 1. The speed that results is in loadtests/reports/bench.md (`make bench`, raw ONNX
+Runtime fp32 vs int8 clips/s).
+Percentile ranges (99.999 %) instead of MinMax keep it accurate: a few outlier activations
+would otherwise stretch a tensor's range over the 8 bits. On the shipped model and all 651
+local clips, int8 top-1 agreement with PyTorch is in models/esc50-resnet34.verify.md
+(`make verify`: 100 %). `fp32_islands` lists what ONNX Runtime still runs outside int8 between
+quantised ops; tests keep it empty.
+Dynamic quantisation is not offered: it computes each activation's range at run time and goes
+back to float after every op (ConvInteger), where static QDQ runs the whole CNN in int8.
 """
 
 from __future__ import annotations

@@ -1,14 +1,17 @@
 """`python -m loadtests.bench` (= `make bench`): every throughput figure of the project in one run,
-written to loadtests/reports/bench.{md,json} with the machine, command and date beside them.
+written to build/bench.{md,json} (`--out`; `make bench RELEASE=1`: the committed
+loadtests/reports/bench.{md,json}) with the machine, command and date beside them.
 
   1. raw ONNX Runtime, fp32 and int8, on pre-decoded real clips at the service's batch size,
      the two models alternating round by round (a shared machine's noise hits both alike), and
      the int8 graph's ORT profile by operator;
-  2. the service (`python -m service`, int8) under closed-loop load from ../shared/bench/load.py,
+  2. the service (`python -m service`, int8) under closed-loop load from loadtests/load.py (a copy
+     of ../shared/bench/load.py),
      at rising concurrency with 16-bit WAV uploads (its saturation curve), then at the
      saturating concurrency with the clips as they are on disk (FLAC / Ogg: decode included);
   3. the seed-style baseline server (../shared/bench/seed_server.py, run as it is) with the same
-     load generator and its own base64-JSON body, at rising concurrency;
+     load generator and its own base64-JSON body, at rising concurrency; skipped, with the reason
+     printed and in the report, where ../shared/bench is absent (a clone of this repository alone);
   4. overload: the service at 10x its saturating concurrency: goodput, accepted latency, 503s.
 
 The load generator runs pinned (`taskset`) to the last CPU; on machines with more than two CPUs
@@ -24,11 +27,9 @@ import datetime
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,10 +42,15 @@ import numpy as np
 import onnxruntime as ort
 import soundfile as sf
 
+from contract.machine import cpu_flags, cpu_model
+from loadtests.local import NotReady, clean_env, exited, free_port, scrape_metrics, wait_ready
+
 REPO = Path(__file__).resolve().parent.parent
-SHARED_BENCH = REPO.parent / "shared" / "bench"
+SEED_SERVER = REPO.parent / "shared" / "bench" / "seed_server.py"  # the baseline, run as it is
+LOAD_PY = Path(__file__).resolve().parent / "load.py"
 DEFAULT_CLIPS = REPO.parent / "shared" / "esc50" / "audio"
-REPORTS = Path(__file__).resolve().parent / "reports"
+BUNDLED_CLIPS = Path(__file__).resolve().parent / "clips"  # generated: make_clips.py
+DEFAULT_OUT = REPO / "build" / "bench"  # git-ignored; the committed report: make bench RELEASE=1
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg"}
 TARGETS = {  # issue 11, same machine, same run
     "int8_vs_fp32": 2.5,  # raw int8 clips/s over raw fp32
@@ -77,7 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--skip", default="", help="comma-separated: raw,service,baseline,overload")
     p.add_argument("--note", default="", help="a line for the report (e.g. 'shared machine')")
-    p.add_argument("--out", type=Path, default=REPORTS / "bench", help="writes OUT.md + OUT.json")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="writes OUT.md + OUT.json")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 s levels, 2 levels per sweep")
     if "--quick" in (sys.argv[1:] if argv is None else argv):  # explicit options still win
         p.set_defaults(
@@ -91,14 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def machine() -> dict:
     """CPU model, cores, the int8 instructions ONNX Runtime can use, library versions."""
-    info = {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
-    with contextlib.suppress(OSError):
-        text = Path("/proc/cpuinfo").read_text()
-        if found := re.search(r"model name\s*:\s*(.+)", text):
-            info["cpu"] = found.group(1).strip()
-        found = re.search(r"flags\s*:\s*(.+)", text)
-        flags = set(found.group(1).split()) if found else set()
-        info["vnni"] = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}) or ["none"]
+    info: dict = {"cpu": cpu_model(), "cpus": os.cpu_count()}
+    int8_sets = {"avx512_vnni", "avx_vnni", "amx_int8"}
+    info["vnni"] = sorted(cpu_flags() & int8_sets) or ["none"]
     info["onnxruntime"] = ort.__version__
     info["python"] = platform.python_version()
     return info
@@ -228,34 +229,16 @@ def profile_by_op(path: Path, x: np.ndarray, runs: int = 3) -> list[tuple[str, f
 # --- servers and load --------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{proc.args} exited with {proc.returncode} before it was ready")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.3)
-    raise SystemExit(f"{url} was not ready after {timeout_s:.0f} s")
-
-
 @contextlib.contextmanager
 def server(cmd: list[str], ready_path: str, port: int, env: dict | None = None) -> Iterator[str]:
+    """`cmd` serving on `port` with the settings in `env` only (none of the shell's ESC50_*)."""
     base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(**(env or {})), stdout=subprocess.DEVNULL)
     try:
-        wait_http(base + ready_path, proc)
+        try:
+            wait_ready(base, exited(proc), path=ready_path)
+        except NotReady as e:
+            raise SystemExit(str(e)) from None
         yield base
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -303,7 +286,7 @@ def baseline(cpus: str | None) -> contextlib.AbstractContextManager[str]:
     cmd = [
         *taskset(cpus),
         sys.executable,
-        str(SHARED_BENCH / "seed_server.py"),
+        str(SEED_SERVER),
         "--port",
         str(port),
     ]
@@ -311,11 +294,11 @@ def baseline(cpus: str | None) -> contextlib.AbstractContextManager[str]:
 
 
 def load(url: str, mode: str, clips: Path, concurrency: int, args: argparse.Namespace) -> dict:
-    """One closed-loop run of ../shared/bench/load.py (as it is); its JSON line."""
+    """One closed-loop run of loadtests/load.py; its JSON line."""
     cmd = [
         *taskset(args.client_cpu_list),
         sys.executable,
-        str(SHARED_BENCH / "load.py"),
+        str(LOAD_PY),
         "--url",
         url,
         "--mode",
@@ -346,15 +329,8 @@ def sweep(url: str, mode: str, clips: Path, levels: list[int], args) -> list[dic
 
 def scrape(base: str) -> dict[str, float]:
     """The service's own counters: batches, queue-wait buckets, its CPU seconds."""
-    import httpx
-
     wanted = ("esc50_batch_size_", "esc50_queue_duration_seconds_", "process_cpu_seconds_total")
-    out = {}
-    for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
-        if line.startswith(wanted):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return {k: v for k, v in scrape_metrics(base).items() if k.startswith(wanted)}
 
 
 def server_view(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict:
@@ -402,6 +378,9 @@ def run(args: argparse.Namespace) -> dict:
     missing = [str(p) for p in models.values() if not p.is_file()]
     if missing:
         raise SystemExit(f"missing {', '.join(missing)}: run `make export` first")
+    if args.clips == DEFAULT_CLIPS and not DEFAULT_CLIPS.is_dir():
+        print(f"no ESC-50 clips at {DEFAULT_CLIPS}: sending the generated {BUNDLED_CLIPS}")
+        args.clips = BUNDLED_CLIPS
     files = clip_files(args.clips, args.max_clips)
     report: dict = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -448,7 +427,10 @@ def run(args: argparse.Namespace) -> dict:
                     c = args.overload_factor * sat["concurrency"]
                     run = load_watched(base, url, "raw", wavs, c, args)
                     report["overload"] = {"saturation": sat, "run": run}
-        if "baseline" not in skip:
+        if "baseline" not in skip and not SEED_SERVER.is_file():
+            report["baseline_skipped"] = f"no {SEED_SERVER} (it ships beside this repository)"
+            print(f"seed-style baseline skipped: {report['baseline_skipped']}", flush=True)
+        elif "baseline" not in skip:
             print("seed-style baseline ...", flush=True)
             with baseline(servers) as base:
                 levels = [int(c) for c in args.baseline_levels.split(",")]
@@ -575,6 +557,8 @@ def markdown(r: dict) -> str:
     if r.get("baseline"):
         out += ["", "## Seed-style baseline (../shared/bench/seed_server.py, base64 JSON)", ""]
         out += load_table(r["baseline"])
+    elif r.get("baseline_skipped"):
+        out += ["", f"Seed-style baseline: skipped, {r['baseline_skipped']}."]
     if over := r.get("overload"):
         out += [
             "",

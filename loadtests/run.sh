@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Headless, bounded Locust run against a running service (make loadtest), with the SLO gate.
-#   HOST=http://127.0.0.1:8000  USERS=4  SPAWN_RATE=2  RUN_TIME=60s
+#   PORT=8000 (the service's, as `make serve PORT=...`) or HOST=http://127.0.0.1:8000 (any URL)
+#   USERS=4  SPAWN_RATE=2  RUN_TIME=60s
 #   LOCUST_SLO_P95_MS=2000  LOCUST_SLO_MAX_FAIL_RATIO=0.01   (see loadtests/locustfile.py)
 #   REPORT_DIR=reports/loadtest/<time>   CSV + HTML reports (reports/ is git-ignored)
 # Extra arguments go to locust. Start the service first: make serve (or docker compose up).
 # Locust shares the machine with the service: its own CPU use is printed next to the figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-HOST=${HOST:-http://127.0.0.1:8000}
+HOST=${HOST:-http://127.0.0.1:${PORT:-8000}}
 USERS=${USERS:-4}
 SPAWN_RATE=${SPAWN_RATE:-2}
 RUN_TIME=${RUN_TIME:-60s}
@@ -28,7 +29,8 @@ for _ in $(seq 60); do
 done || true
 if ! "$PY" -c "import sys, urllib.request as u; u.urlopen(sys.argv[1] + '/readyz', timeout=2)" \
     "$HOST" 2>/dev/null; then
-    echo "no ready service at $HOST: start one with 'make serve' (or 'docker compose up')" >&2
+    echo "no ready service at $HOST: start one with 'make serve' (or 'docker compose up'), or" \
+        "point at yours: make loadtest PORT=... (or HOST=http://...)" >&2
     exit 1
 fi
 

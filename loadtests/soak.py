@@ -27,10 +27,8 @@ import argparse
 import json
 import logging
 import os
-import platform
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,7 +42,10 @@ from locust.env import Environment
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from local import NotReady, clean_env, exited, free_port, scrape_metrics, wait_ready  # noqa: E402
 from locustfile import ServiceUser  # noqa: E402  (needs HERE on sys.path)
+
+from contract.machine import cpu_model  # noqa: E402
 
 REPO = HERE.parent
 log = logging.getLogger("esc50.soak")
@@ -68,20 +69,10 @@ class Record:
 # --- the service under test ------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_service(log_path: Path) -> tuple[subprocess.Popen, str]:
+    """`python -m service` with its defaults (none of the shell's ESC50_* settings)."""
     port = free_port()
-    env = {
-        **os.environ,
-        "ESC50_HOST": "127.0.0.1",
-        "ESC50_PORT": str(port),
-        "ESC50_LOG_LEVEL": "warning",
-    }
+    env = clean_env(ESC50_HOST="127.0.0.1", ESC50_PORT=str(port), ESC50_LOG_LEVEL="warning")
     out = log_path.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
@@ -89,29 +80,17 @@ def start_service(log_path: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def wait_ready(host: str, proc: subprocess.Popen | None, timeout: float = 120) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"the service exited with {proc.returncode} before it was ready")
-        try:
-            urllib.request.urlopen(f"{host}/readyz", timeout=2)
-            return
-        except OSError:
-            gevent.sleep(0.5)
-    raise SystemExit(f"no ready service at {host} after {timeout:.0f} s")
+def wait_service(host: str, proc: subprocess.Popen | None, timeout: float = 120) -> None:
+    try:
+        wait_ready(host, exited(proc) if proc else lambda: None, timeout)
+    except NotReady as e:
+        raise SystemExit(str(e)) from None
 
 
 def scrape(host: str) -> dict[str, float]:
     """The process gauges and counters this report uses, from the service's /metrics."""
     wanted = ("process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total")
-    text = urllib.request.urlopen(f"{host}/metrics", timeout=5).read().decode()
-    values = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in wanted:
-            values[name] = float(value)
-    return values
+    return {k: v for k, v in scrape_metrics(host, timeout=5).items() if k in wanted}
 
 
 def served_model(host: str) -> dict:
@@ -252,17 +231,6 @@ def analyse(rec: Record, t_start: float, args: argparse.Namespace) -> dict:
 # --- the report ------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def plot(rec: Record, t_start: float, args: argparse.Namespace, path: Path) -> bool:
     try:
         import matplotlib
@@ -391,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     if host is None:
         proc, host = start_service(service_log)
     try:
-        wait_ready(host, proc)
+        wait_service(host, proc)
         model = served_model(host)
         saturation = (
             args.rps / args.load if args.rps else calibrate(host, args.users, args.calibrate)

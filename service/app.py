@@ -116,7 +116,9 @@ def _publish_model_info(metrics: Metrics, c: Classifier, path: Path) -> None:
 
 # --- dependencies ----------------------------------------------------------------------------
 
-_bearer = HTTPBearer(auto_error=False, description="needed only when ESC50_API_TOKEN is set")
+# Attached to the inference routes only where ESC50_API_TOKEN is set (`build_router`), so the
+# OpenAPI document declares bearer auth exactly when the running configuration enforces it.
+_bearer = HTTPBearer(auto_error=False, description="the token this service's ESC50_API_TOKEN sets")
 
 
 def ready_classifier(request: Request) -> Classifier:
@@ -204,17 +206,28 @@ async def explain(
     first request; up to ESC50_EXPLAIN_MAX_DURATION_S of audio)."""
     settings: Settings = request.app.state.settings
     deadline = time.monotonic() + settings.request_timeout_s
+    explainer: Explainer = request.app.state.explainer
     with request.app.state.metrics.in_flight.track_inprogress():
-        data = await read_audio_bytes(request, settings.max_body_bytes)
-        k = top_k or settings.default_top_k
-        return await request.app.state.explainer.explain(classifier, data, k, deadline)
+        # A place among explain requests before the body is read, as in `classify`: a refused
+        # request (503 + Retry-After) costs no upload buffering and no decode.
+        admission = explainer.admit()
+        try:
+            data = await read_audio_bytes(request, settings.max_body_bytes)
+            k = top_k or settings.default_top_k
+            return await explainer.explain(classifier, data, k, deadline, admission)
+        finally:
+            admission.release()  # a no-op once the explain pool holds the place
 
 
 _EXPLAIN_503 = "no explain artifact (`make export`), explain queue full, or not ready"
 _EXPLAIN_ERRORS = {**_ERRORS, 503: {"model": ErrorResponse, "description": _EXPLAIN_503}}
 
 
-def build_router() -> APIRouter:
+def build_router(require_token: bool) -> APIRouter:
+    """The inference routes; with `require_token` they check (and declare) the bearer token."""
+    guard = [Depends(check_token)] if require_token else []
+    errors = _ERRORS if require_token else {s: e for s, e in _ERRORS.items() if s != 401}
+    explain_errors = {**errors, 503: _EXPLAIN_ERRORS[503]}
     router = APIRouter()
     for path in ("/v1/classify", "/classify"):
         router.add_api_route(
@@ -223,8 +236,8 @@ def build_router() -> APIRouter:
             methods=["POST"],
             response_model=ClassifyResponse,
             tags=["classify"],
-            dependencies=[Depends(check_token)],
-            responses=_ERRORS,
+            dependencies=guard,
+            responses=errors,
             openapi_extra=_REQUEST_BODY,
             summary="Classify audio" + (" (alias of /v1/classify)" if path == "/classify" else ""),
         )
@@ -234,8 +247,8 @@ def build_router() -> APIRouter:
         methods=["POST"],
         response_model=ExplainResponse,
         tags=["explain"],
-        dependencies=[Depends(check_token)],
-        responses=_EXPLAIN_ERRORS,
+        dependencies=guard,
+        responses=explain_errors,
         openapi_extra=_REQUEST_BODY,
         summary="Classify and explain audio",
     )
@@ -362,7 +375,7 @@ def create_app(
     register_error_handlers(app)
     app.add_exception_handler(ClientGone, _client_gone)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    app.include_router(build_router())
+    app.include_router(build_router(require_token=settings.api_token is not None))
     app.include_router(probes)
     app.include_router(pages)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -2,25 +2,32 @@
 
 Runs in a worker thread (never on the event loop). Decoding, downmixing and resampling are
 contract.audio's, the same reader training and export use; this module adds what is HTTP's:
-the duration limit, the reader's errors as HTTP errors, and cutting into windows.
+the limits from settings, the reader's errors as HTTP errors, and cutting into windows.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from contract.audio import DecodedAudio, read_audio
+from contract.audio import MAX_CHANNELS, MAX_SAMPLE_RATE, DecodedAudio, read_audio
 from contract.errors import AudioError
 from service.errors import from_audio_error
 
 SINGLE_WINDOW_SLACK_S = 0.1  # audio up to clip + 0.1 s is one (truncated) window, not two
 
 
-def decode(data: bytes, target_rate: int, max_duration_s: float) -> DecodedAudio:
-    """Mono float32 at `target_rate`; UnsupportedMediaType (415), AudioTooLong (413) or
+def decode(
+    data: bytes,
+    target_rate: int,
+    max_duration_s: float,
+    max_channels: int = MAX_CHANNELS,
+    max_source_rate: int = MAX_SAMPLE_RATE,
+) -> DecodedAudio:
+    """Mono float32 at `target_rate`, decoded block by block within the reader's budget (see
+    contract.audio.Budget); UnsupportedMediaType (415), AudioTooLong or AudioTooLarge (413) or
     InvalidAudio (422) with the reader's message."""
     try:
-        return read_audio(data, target_rate, max_duration_s)
+        return read_audio(data, target_rate, max_duration_s, max_channels, max_source_rate)
     except AudioError as e:
         raise from_audio_error(e) from None
 

@@ -65,7 +65,10 @@ class Classifier:
     def prepare(self, data: bytes) -> Prepared:
         """Blocking: decode + resample + cut. Runs in the decode pool."""
         t0 = time.perf_counter()
-        audio = decode(data, self.meta.sample_rate, self.settings.max_duration_s)
+        s = self.settings
+        audio = decode(
+            data, self.meta.sample_rate, s.max_duration_s, s.max_channels, s.max_source_rate
+        )
         windows, starts = make_windows(audio.waveform, self.meta.clip_samples, self.hop, self.slack)
         self.metrics.decode_latency.observe(time.perf_counter() - t0)
         return Prepared(audio, windows, starts)

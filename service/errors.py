@@ -46,6 +46,12 @@ class AudioTooLong(ServiceError):
     status, code = 413, "audio_too_long"
 
 
+class AudioTooLarge(ServiceError):
+    """More samples to decode than the budget (e.g. many channels at a high rate)."""
+
+    status, code = 413, "audio_too_large"
+
+
 class UnsupportedMediaType(ServiceError):
     status, code = 415, "unsupported_media_type"
 
@@ -76,6 +82,7 @@ class InferenceFailed(ServiceError):
 _AUDIO_ERRORS: dict[type[contract_errors.AudioError], type[ServiceError]] = {
     contract_errors.UnsupportedAudio: UnsupportedMediaType,
     contract_errors.AudioTooLong: AudioTooLong,
+    contract_errors.AudioTooLarge: AudioTooLarge,
     contract_errors.InvalidAudio: InvalidAudio,
 }
 
@@ -105,6 +112,12 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     headers = dict(exc.headers)
     if exc.status == 503:  # overload and not-ready: tell clients when to come back
         headers.setdefault("Retry-After", str(request.app.state.settings.retry_after_s))
+    if isinstance(exc, Overloaded):
+        # Refused before its upload was read: close, so the client stops sending it. Kept
+        # alive, the connection could serve the next request only once the unread body had been
+        # received and parsed for nothing, and uvicorn pauses reading a body nobody consumes:
+        # a large refused upload would leave the connection stuck instead.
+        headers["Connection"] = "close"
     return error_response(exc.status, exc.code, exc.message, headers)
 
 

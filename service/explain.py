@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +73,31 @@ def class_activation_map(maps: np.ndarray, weight: np.ndarray, index: int) -> np
     return np.tensordot(weight[index], maps, axes=1)
 
 
+def cell_centres(n: int, cells: int) -> np.ndarray:
+    """Where each of a stage's `cells` (along one axis) is centred on the `n` log-mel columns
+    (or mel bins) the CNN saw. Every stride-2 layer (the 7x7 and 3x3 convolutions padded by half
+    their kernel, the 3x3 max pool, the 1x1 shortcuts) centres output j on input 2j, so cell j of
+    a stage of stride s sits over input j * s: not over the middle of the j-th n/cells slice,
+    where stretching the grid over the log-mel put it (half a cell late: 0.19 s at stride 32)."""
+    for stride in (2**k for k in range(16)):
+        if -(-n // stride) == cells:  # each stride-2 layer gives ceil(n / 2) outputs
+            return np.arange(cells) * stride
+    raise ValueError(f"{cells} cells are not a power-of-two stride of {n} inputs")
+
+
+@functools.lru_cache(maxsize=16)
+def _interpolation(n: int, cells: int) -> np.ndarray:
+    """(n, cells): row i weighs the cells for input i, linear between the two nearest centres."""
+    centres, eye = cell_centres(n, cells), np.eye(cells)
+    return np.stack([np.interp(np.arange(n), centres, eye[j]) for j in range(cells)], axis=1)
+
+
+def on_logmel_grid(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) last-stage map -> (n_mels, frames): linear between the cells' centres, constant
+    past the outer ones, so that the page overlays it 1:1 on the log-mel it explains."""
+    return _interpolation(shape[0], cam.shape[0]) @ cam @ _interpolation(shape[1], cam.shape[1]).T
+
+
 def stage_maps(name: str, maps: np.ndarray) -> StageMaps:
     """(C, H, W) -> the channel mean and the SHOWN_CHANNELS most active channels."""
     means = maps.mean(axis=(1, 2))  # (C,)
@@ -92,13 +118,14 @@ def explain_window(
     k = int(out[OUTPUT_NAME][w].argmax())
     names, labels = model.outputs, model.meta.labels
     cam = class_activation_map(out[names.cam_maps][w], out[names.classifier_weight], k)
+    logmel = out[names.logmel][w, 0]  # (n_mels, frames)
     return WindowExplanation(
         start_s=span_s[0],
         end_s=span_s[1],
         cam_label=labels[k],
         cam_index=k,
-        logmel=encode_map(out[names.logmel][w, 0]),  # (n_mels, frames)
-        cam=encode_map(cam),
+        logmel=encode_map(logmel),
+        cam=encode_map(on_logmel_grid(cam, logmel.shape)),
         stages=[stage_maps(name, out[name][w]) for name in names.stages],
     )
 
@@ -157,6 +184,24 @@ def _check_same_model(meta: ArtifactMetadata, served: ArtifactMetadata, path: Pa
 # --- the per-app explainer --------------------------------------------------------------------
 
 
+class ExplainAdmission:
+    """A place among the explain requests (running or waiting), taken before the upload is
+    read, as /v1/classify's Admission is. The route releases it if the request never reaches the
+    pool (a bad upload, a missing artifact); once handed to the pool, the pool's end does."""
+
+    def __init__(self, explainer: Explainer) -> None:
+        self._explainer, self._held, self.in_pool = explainer, True, False
+
+    def release(self) -> None:
+        """Give the place back, once (the event loop only); a no-op once the pool has it."""
+        if self._held and not self.in_pool:
+            self.pool_done()
+
+    def pool_done(self) -> None:
+        self._held = False
+        self._explainer.pending -= 1
+
+
 class Explainer:
     """Loads the artifact on first use and runs explain requests on `explain_concurrency`
     threads; more than `explain_max_queue` waiting ones get 503 instead of piling up."""
@@ -165,31 +210,42 @@ class Explainer:
         self.settings, self.path = settings, explain_path(settings)
         self.model: ExplainModel | None = None
         self.pool = ThreadPoolExecutor(settings.explain_concurrency, thread_name_prefix="explain")
-        self.pending = 0  # admitted and not finished by the pool (touched on the event loop only)
+        self.pending = 0  # places held: admitted and not finished (touched on the event loop only)
         self._loading = asyncio.Lock()
 
-    async def explain(
-        self, classifier: Classifier, data: bytes, top_k: int, deadline: float
-    ) -> ExplainResponse:
+    def admit(self) -> ExplainAdmission:
+        """A place before the upload is read: Overloaded (503) at once if there is none, so a
+        refused request costs no body read and no decode."""
         s = self.settings
         if self.pending >= s.explain_concurrency + s.explain_max_queue:
             raise Overloaded("too many explain requests; /v1/classify is not affected")
-        self.pending += 1  # counted from here until the pool is done with it (or it fails first)
+        self.pending += 1
+        return ExplainAdmission(self)
+
+    async def explain(
+        self,
+        classifier: Classifier,
+        data: bytes,
+        top_k: int,
+        deadline: float,
+        admission: ExplainAdmission | None = None,
+    ) -> ExplainResponse:
+        """Explain on the pool, in the place `admission` holds (taken here if None). The place is
+        the pool's from submission until the job ends, even past this request's deadline."""
+        place = admission or self.admit()
         try:
             model = await self._load(classifier.meta)
             job = self.pool.submit(self._explain, model, classifier, data, top_k)
         except BaseException:
-            self.pending -= 1
+            place.release()
             raise
+        place.in_pool = True
         loop = asyncio.get_running_loop()
-        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._done))
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(place.pool_done))
         try:
             return await asyncio.wait_for(asyncio.wrap_future(job), deadline - time.monotonic())
         except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
             raise DeadlineExceeded("no explanation before the request's deadline") from None
-
-    def _done(self) -> None:
-        self.pending -= 1
 
     async def _load(self, served: ArtifactMetadata) -> ExplainModel:
         async with self._loading:  # concurrent first requests load it once
@@ -214,7 +270,8 @@ class Explainer:
     ) -> ExplainResponse:
         """Blocking, on the explain pool: decode, run the graph, classify, encode the maps."""
         meta, s = model.meta, self.settings
-        audio = decode(data, meta.sample_rate, min(s.max_duration_s, s.explain_max_duration_s))
+        max_duration_s = min(s.max_duration_s, s.explain_max_duration_s)
+        audio = decode(data, meta.sample_rate, max_duration_s, s.max_channels, s.max_source_rate)
         windows, starts = make_windows(
             audio.waveform, meta.clip_samples, classifier.hop, classifier.slack
         )

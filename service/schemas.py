@@ -123,8 +123,9 @@ class WindowExplanation(BaseModel):
         "(n_mels x frames)"
     )
     cam: EncodedMap = Field(
-        description="class activation map of `cam_label` on the last stage's grid: its channels "
-        "weighted by that class's classifier row; stretch it over `logmel`"
+        description="class activation map of `cam_label`: the last stage's channels weighted by "
+        "that class's classifier row, on `logmel`'s grid (each last-stage cell at its receptive "
+        "field's centre, linear in between): overlay it 1:1"
     )
     stages: list[StageMaps]
 

@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from contract.audio import MAX_CHANNELS, MAX_SAMPLE_RATE
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = (
     REPO_ROOT / "models"
@@ -45,6 +47,13 @@ class Settings(BaseSettings):
     # --- limits and audio --------------------------------------------------------------------
     max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1)  # checked while streaming
     max_duration_s: float = Field(default=120.0, gt=0)  # longest audio accepted
+    # Caps on what an upload's header may claim; past them: 415 before any decoding (libsndfile
+    # accepts absurd values, e.g. 1024 channels). Decoding is block by block, so memory is the
+    # model-rate mono output (max_duration_s x its rate x 4 B) whatever these are.
+    max_channels: int = Field(default=MAX_CHANNELS, ge=1)  # 22.2 surround is 24 channels
+    # Also the decode budget: at most max_duration_s of one channel at this rate decoded
+    # (frames x channels; 46 M samples by default), past it: 413 audio_too_large
+    max_source_rate: int = Field(default=MAX_SAMPLE_RATE, ge=1)  # Hz; 384 kHz: DXD recorders
     window_hop_s: float = Field(default=2.5, gt=0)  # hop between 5 s windows of longer audio
     default_top_k: int = Field(default=5, ge=1)  # top_k when the query does not say
 

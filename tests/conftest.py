@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from train.data import DEFAULT_DATA_ROOT
 
 REPO = Path(__file__).resolve().parent.parent
 ESC50 = Path(os.environ.get("ESC50_ROOT", REPO / DEFAULT_DATA_ROOT))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_user_esc50_settings() -> Iterator[None]:
+    """The tests run the settings they name: ESC50_* variables of the user's shell (an
+    ESC50_API_TOKEN would make every unauthenticated request a 401) are hidden from
+    Settings() and from every server a test starts. ESC50_ROOT was read above already."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in [k for k in os.environ if k.startswith("ESC50_")]:
+            mp.delenv(name)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +96,47 @@ def tiny_onnx(tiny_checkpoint) -> Path:
     meta = metadata_from_checkpoint(ckpt, tiny_checkpoint, model_name="tiny")
     out = tiny_checkpoint.with_name("tiny.fp32.onnx")
     return export_onnx(model_from_checkpoint(ckpt), out, meta, variant="fp32")
+
+
+def waveforms(batch: int, seed: int = 0, samples: int = 220500) -> np.ndarray:
+    """Noise with a tone at different levels per clip (the default clip: 5 s at 44.1 kHz): the
+    front-end sees realistic dynamics, the quantiser a realistic range."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(samples) / 44100
+    x = rng.standard_normal((batch, samples)).astype(np.float32) * rng.uniform(
+        0.01, 0.3, (batch, 1)
+    )
+    for i in range(batch):
+        x[i] += 0.3 * np.sin(2 * np.pi * rng.uniform(100, 8000) * t)
+    return x.astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_meta(tiny_checkpoint):
+    from export.onnx_export import metadata_from_checkpoint
+    from train.checkpoint import load_checkpoint
+
+    return metadata_from_checkpoint(load_checkpoint(tiny_checkpoint), tiny_checkpoint, "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16(tiny_checkpoint, tiny_meta, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported as the fp16 graph (fp32 front-end, fp16 CNN)."""
+    from export.onnx_export import export_onnx
+    from train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(tiny_checkpoint))
+    out = tmp_path_factory.mktemp("fp16") / "tiny.fp16.onnx"
+    return export_onnx(model, out, tiny_meta, "fp16")
+
+
+@pytest.fixture(scope="session")
+def tiny_int8(tiny_onnx, tiny_meta, tmp_path_factory) -> Path:
+    """tiny.fp32.onnx quantised to int8 by the real quantiser, calibrated on 8 waveforms."""
+    from export.quantize import quantize_int8
+
+    out = tmp_path_factory.mktemp("int8") / "tiny.int8.onnx"
+    return quantize_int8(tiny_onnx, out, waveforms(8, seed=1), tiny_meta)
 
 
 @pytest.fixture(scope="session")

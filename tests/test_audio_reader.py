@@ -118,6 +118,28 @@ def test_resampling_is_soxr_hq_to_any_target() -> None:
     np.testing.assert_array_equal(audio.waveform, soxr.resample(x, 48000, 16000, quality="HQ"))
 
 
+def test_block_by_block_equals_the_whole_signal_at_once() -> None:
+    """Several decode blocks (6 channels at 96 kHz, 3 s: 7 blocks), downmixed and resampled
+    one by one, give bit for bit what a whole-file mean and one soxr call give."""
+    rng = np.random.default_rng(0)
+    x = (0.1 * rng.standard_normal((3 * 96000, 6))).astype(np.float32)
+    audio = read_audio(encode(x, 96000, "WAV", "FLOAT"), SR)
+    whole = soxr.resample(x.mean(axis=1, dtype=np.float32), 96000, SR, quality="HQ")
+    np.testing.assert_array_equal(audio.waveform, whole)
+
+
+def test_a_stream_of_unknown_length_decodes_whole() -> None:
+    """A FLAC whose header does not know its length (total samples 0), as streaming encoders
+    write it: every sample, also when the end falls on a block boundary."""
+    for n in (24000, 1 << 18, (1 << 18) + 5):
+        x = ((np.arange(n) % 1000) - 500).astype(np.int16)
+        data = bytearray(encode(x, 8000, "FLAC", "PCM_16"))
+        fields = int.from_bytes(data[18:26], "big") & ~((1 << 36) - 1)  # STREAMINFO total = 0
+        data[18:26] = fields.to_bytes(8, "big")
+        audio = read_audio(bytes(data), 8000)
+        np.testing.assert_array_equal(np.round(audio.waveform * 32768).astype(np.int16), x)
+
+
 # --------------------------------------------------------------------------- truncation, limits
 
 

@@ -102,3 +102,23 @@ def test_overload_limited_by_the_load_generator_is_said() -> None:
     r["overload"]["run"].update(client_cpu_s=7.0, client_wall_s=8.0)  # 0.9 of a core
     assert "not the service, limits the request rate" in markdown(r)
     assert "limits the request rate" not in markdown(report())  # 0.25 of a core: no note
+
+
+def test_without_the_seed_server_the_baseline_is_skipped_with_its_reason(
+    monkeypatch, tmp_path
+) -> None:
+    """A clone without ../shared/bench still benchmarks: the report says the baseline is absent."""
+    from loadtests import bench
+
+    missing = tmp_path / "shared" / "bench" / "seed_server.py"
+    monkeypatch.setattr(bench, "SEED_SERVER", missing)
+    for variant in ("fp32", "int8"):  # only their presence is checked when raw is skipped
+        (tmp_path / f"m.{variant}.onnx").touch()
+    argv = ["--models", str(tmp_path / "m"), "--skip", "raw,service,overload"]
+    args = bench.parse_args([*argv, "--clips", str(bench.BUNDLED_CLIPS)])
+    args.argv = argv
+    r = bench.run(args)
+    assert "baseline" not in r and str(missing) in r["baseline_skipped"]
+    assert not [t for t in r["targets"] if t["target"] == "service_vs_baseline"]
+    assert f"Seed-style baseline: skipped, no {missing}" in bench.markdown(r)
+    assert bench.parse_args([]).out == bench.REPO / "build" / "bench"  # never the committed one

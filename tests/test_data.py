@@ -1,6 +1,7 @@
 """Loading ESC-50 clips: real ones when present, generated ones always; errors name the problem."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,35 +11,40 @@ from synth import tone
 from train import data as D
 from train.frontend import CLIP_SAMPLES
 
+ESC10_TARGETS = {0, 1, 10, 11, 12, 20, 21, 38, 40, 41}  # dog, rooster, rain, sea waves, ...
+
 
 def test_real_clips_load_in_every_format(esc50_root):
-    sel = D.select(esc50_root, folds=[1, 4])
-    suffixes = {c.path.suffix for c in sel.clips}
-    assert suffixes >= {".flac", ".ogg"}  # both formats of the partial copy
-    for suffix in sorted(suffixes):
-        clip = next(c for c in sel.clips if c.path.suffix == suffix)
-        x = D.load_clip(clip.path)
+    """One clip of each format on disk (the official download: WAV; the local copy: FLAC and
+    Ogg) decodes to a 5-s float32 clip."""
+    sel = D.select(esc50_root)
+    first = {}
+    for clip in sel.clips:
+        first.setdefault(clip.path.suffix, clip)
+    on_disk = {p.suffix for p in D.index_audio(esc50_root / "audio").values()}
+    assert set(first) == on_disk
+    for suffix in sorted(first):
+        x = D.load_clip(first[suffix].path)
         assert x.shape == (CLIP_SAMPLES,) and x.dtype == np.float32
         assert np.isfinite(x).all() and np.abs(x).max() > 0
 
 
-def test_real_partial_copy_counts_missing(esc50_root):
+def test_real_copy_counts_clips_on_disk_and_missing(esc50_root):
+    """Full download or partial copy: the clips are the CSV's rows found on disk, the rest are
+    counted missing, and ESC-10 is the CSV's esc10 rows among them (counts from the CSV and
+    the folder, not from one copy)."""
+    rows = D.read_metadata(esc50_root)
+    on_disk = set(D.index_audio(esc50_root / "audio"))
+    stems = {Path(r["filename"]).stem: r for r in rows}
     sel = D.select(esc50_root)
-    assert len(sel.clips) == 651 and len(sel.labels) == 50
-    assert len(sel.missing) == 2000 - 651  # fold 5 and most of folds 1-3 are not in the copy
-    esc10 = D.select(esc50_root, folds=[1, 2, 3, 4], esc10=True)
-    assert len(esc10.clips) == 320 and {c.target for c in esc10.clips} == {
-        0,
-        1,
-        10,
-        11,
-        12,
-        20,
-        21,
-        38,
-        40,
-        41,
-    }
+    assert len(rows) == 2000 and len(sel.labels) == 50  # the metadata lists all of ESC-50
+    assert {c.stem for c in sel.clips} == set(stems) & on_disk
+    assert sorted(sel.missing) == sorted(set(stems) - on_disk)
+    folds = sorted({c.fold for c in sel.clips})
+    esc10 = D.select(esc50_root, folds=folds, esc10=True)
+    want = {s for s, r in stems.items() if r["esc10"] == "True" and s in on_disk}
+    assert {c.stem for c in esc10.clips} == want
+    assert {c.target for c in esc10.clips} == ESC10_TARGETS
 
 
 def test_synthetic_selection_and_labels(synthetic_esc50):
@@ -76,7 +82,7 @@ def test_clear_errors(synthetic_esc50, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(D.DataError, match="esc50.csv not found"):
         D.select(tmp_path / "empty")
-    with pytest.raises(D.DataError, match="no clips selected"):
+    with pytest.raises(D.DataError, match="no clips of folds 5 .* the folds there are 1, 2"):
         D.select(synthetic_esc50, folds=[5])
     bad = tmp_path / "1-1-A-0.wav"
     bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")

@@ -28,7 +28,7 @@ from contract.metadata import (
 )
 from export.__main__ import main as export_main
 from service.app import create_app
-from service.explain import ExplainUnavailable, _check_same_model, explain_path
+from service.explain import ExplainUnavailable, _check_same_model, cell_centres, explain_path
 from service.settings import Settings
 from train.frontend import FrontendConfig, LogMel
 
@@ -138,7 +138,7 @@ def test_shapes_and_classification(client: TestClient) -> None:
     assert e["frame_hop_s"] == pytest.approx(512 / SR)
     (w,) = e["windows"]
     assert (w["start_s"], w["end_s"]) == (0.0, 5.0)
-    assert w["logmel"]["shape"] == [128, 431] and w["cam"]["shape"] == [16, 54]
+    assert w["logmel"]["shape"] == w["cam"]["shape"] == [128, 431]  # the CAM on the log-mel's grid
     stages = {s["name"]: s for s in w["stages"]}
     assert list(stages) == ["stem", "stage1", "stage2"]
     assert [s["channels"] for s in stages.values()] == [8, 8, 16]
@@ -170,7 +170,9 @@ def test_cam_is_the_weighted_sum_of_last_stage_maps(client, tiny_explain_onnx: P
     weight = next(v for v in inits.values() if v.shape == out[names.classifier_weight].shape)
     bias = next(v for v in inits.values() if v.shape == (weight.shape[0],))
     want = np.einsum("c,chw->hw", weight[k].astype(np.float64), out["stage2"][0])
-    np.testing.assert_allclose(decoded(cam), want, atol=0.51 * step(cam) + 1e-5)
+    # sent on the log-mel's grid: each stage-2 cell's value at its receptive field's centre
+    on_cells = decoded(cam)[np.ix_(cell_centres(128, 16), cell_centres(431, 54))]
+    np.testing.assert_allclose(on_cells, want, atol=0.51 * step(cam) + 1e-5)
     # global average pooling + the linear layer: the CAM's mean plus the bias is the logit
     assert want.mean() + bias[k] == pytest.approx(float(out["logits"][0, k]), abs=1e-4)
 

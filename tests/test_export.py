@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import waveforms
 from onnx import TensorProto, helper
 
 from contract.errors import ExportError
@@ -20,23 +21,12 @@ from contract.metadata import INPUT_NAME, OUTPUT_NAME, ArtifactMetadata, read_on
 from contract.tensorrt_runtime import EngineMismatchError, check_engine_compat
 from export.__main__ import main
 from export.graph import QDQ_OPS, check_fp16_layout, check_int8_layout, frontend_nodes
-from export.onnx_export import export_onnx, metadata_from_checkpoint
 from export.quantize import fp32_islands, quantize_int8, sensitive_nodes
 from export.verify import Artifact, Thresholds, verify_artifacts
 from export.verify_cli import torch_runner
 from train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
 N = 220500  # clip samples of the default front-end
-
-
-def waveforms(batch: int, seed: int = 0) -> np.ndarray:
-    """Noise with a few tones at different levels: the front-end sees realistic dynamics."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(N) / 44100
-    x = rng.standard_normal((batch, N)).astype(np.float32) * rng.uniform(0.01, 0.3, (batch, 1))
-    for i in range(batch):
-        x[i] += 0.3 * np.sin(2 * np.pi * rng.uniform(100, 8000) * t)
-    return x.astype(np.float32)
 
 
 def run_onnx(path, x: np.ndarray) -> np.ndarray:
@@ -47,24 +37,6 @@ def run_onnx(path, x: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint):
     return model_from_checkpoint(load_checkpoint(tiny_checkpoint))
-
-
-@pytest.fixture(scope="session")
-def tiny_meta(tiny_checkpoint) -> ArtifactMetadata:
-    return metadata_from_checkpoint(load_checkpoint(tiny_checkpoint), tiny_checkpoint, "tiny")
-
-
-@pytest.fixture(scope="session")
-def tiny_fp16(tiny_model, tiny_meta, tmp_path_factory):
-    return export_onnx(
-        tiny_model, tmp_path_factory.mktemp("fp16") / "tiny.fp16.onnx", tiny_meta, "fp16"
-    )
-
-
-@pytest.fixture(scope="session")
-def tiny_int8(tiny_onnx, tiny_meta, tmp_path_factory):
-    out = tmp_path_factory.mktemp("int8") / "tiny.int8.onnx"
-    return quantize_int8(tiny_onnx, out, waveforms(8, seed=1), tiny_meta)
 
 
 # --------------------------------------------------------------------------- fp32 graph
@@ -198,16 +170,29 @@ def test_verify_passes_faithful_and_fails_perturbed_or_corrupt(tiny_onnx, tiny_m
     assert "cannot run" in report["variants"]["int8"]["failures"][0]
 
 
-def test_verify_int8_accuracy_rule(tiny_onnx, tiny_model):
-    """int8 is judged on accuracy against fp32: a tolerance of -1 point makes any result fail."""
-    x = waveforms(4, seed=5)
-    targets = np.array([0, 1, 2, 3])
-    arts = [Artifact("fp32", tiny_onnx), Artifact("int8", tiny_onnx)]
-    ok = verify_artifacts(torch_runner(tiny_model), arts, x, targets)
-    assert ok["variants"]["int8"]["passed"]
-    strict = Thresholds(int8_accuracy_drop=-0.01)
-    failed = verify_artifacts(torch_runner(tiny_model), arts, x, targets, strict)
-    assert not failed["variants"]["int8"]["passed"] and ok["variants"]["fp32"]["passed"]
+def test_verify_int8_accuracy_rule(tiny_onnx, tiny_int8, tiny_model, tmp_path):
+    """int8 is judged on its own accuracy against fp32's: the verifier runs the int8 file (its
+    reported accuracy is the one measured on that file here), a quantised graph that lost
+    accuracy fails by the allowed drop and passes when that drop is allowed."""
+    x = waveforms(8, seed=5)
+    targets = run_onnx(tiny_onnx, x).argmax(1)  # fp32 is right on every clip: accuracy 1
+    # the real int8 graph with its classifier (FP32 in it) negated: its top-1 moves off fp32's
+    lossy = perturbed_copy(tiny_int8, tmp_path / "lossy.int8.onnx", scale=-1.0)
+    ref = torch_runner(tiny_model)
+    accuracy_rule_only = {"int8_agreement": 0.0}  # the agreement rule would fail it too
+    for int8 in (tiny_int8, lossy):
+        drop = 1.0 - float((run_onnx(int8, x).argmax(1) == targets).mean())
+        arts = [Artifact("fp32", tiny_onnx), Artifact("int8", int8)]
+        for allowed, passes in ((drop + 0.01, True), (drop - 0.01, False)):
+            th = Thresholds(int8_accuracy_drop=allowed, **accuracy_rule_only)
+            report = verify_artifacts(ref, arts, x, targets, th)
+            fp32, got = report["variants"]["fp32"], report["variants"]["int8"]
+            assert fp32["passed"] and fp32["accuracy"] == 1.0
+            assert got["accuracy"] == pytest.approx(1.0 - drop), int8.name
+            assert got["passed"] is passes, (int8.name, allowed, got["failures"])
+            if not passes:
+                assert any("below fp32" in f for f in got["failures"]), got["failures"]
+    assert 1.0 - float((run_onnx(lossy, x).argmax(1) == targets).mean()) >= 0.5
 
 
 def test_verify_cli_writes_report_and_fails_on_perturbed_artifact(

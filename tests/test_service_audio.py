@@ -11,7 +11,13 @@ import soundfile as sf
 
 from contract.audio import read_audio
 from service.audio import decode, make_windows, window_starts
-from service.errors import AudioTooLong, InvalidAudio, ServiceError, UnsupportedMediaType
+from service.errors import (
+    AudioTooLarge,
+    AudioTooLong,
+    InvalidAudio,
+    ServiceError,
+    UnsupportedMediaType,
+)
 
 SR = 44100
 CLIP = 5 * SR
@@ -46,6 +52,19 @@ def test_reader_errors_become_http_errors(data, error, status, message) -> None:
     with pytest.raises(error, match=message) as info:
         decode(data, SR, 30)
     assert isinstance(info.value, ServiceError) and info.value.status == status
+
+
+def test_caps_and_budget_come_from_the_caller() -> None:
+    """The service passes its settings: 4 channels at 96 kHz for 2 s are 768,000 samples to
+    decode, past a budget of 1 s of one channel at 96 kHz x 5 s = 480,000 (413), and past a
+    cap of 2 channels (415)."""
+    data = encode(np.zeros((2 * 96000, 4), np.float32), 96000)
+    with pytest.raises(AudioTooLarge, match="768,000 samples to decode") as info:
+        decode(data, SR, 5, max_channels=4, max_source_rate=96000)
+    assert info.value.status == 413 and info.value.code == "audio_too_large"
+    with pytest.raises(UnsupportedMediaType, match="need 1-2 channels"):
+        decode(data, SR, 5, max_channels=2)
+    assert decode(data, SR, 10, max_channels=4, max_source_rate=96000).channels == 4
 
 
 @pytest.mark.parametrize(

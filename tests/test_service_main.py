@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import free_port, wait_ready
+from servers import clean_env, free_port, wait_ready
 
 from contract.metadata import MetadataError
 from service.app import create_app
@@ -23,13 +22,12 @@ from service.settings import Settings
 
 def test_python_m_service_serves_and_stops_on_sigterm(tiny_onnx: Path, repo_root: Path) -> None:
     port = free_port()
-    env = {
-        **os.environ,
-        "ESC50_MODEL_PATH": str(tiny_onnx),
-        "ESC50_PORT": str(port),
-        "ESC50_INTRA_OP_THREADS": "1",
-        "ESC50_LOG_LEVEL": "info",
-    }
+    env = clean_env(
+        ESC50_MODEL_PATH=str(tiny_onnx),
+        ESC50_PORT=str(port),
+        ESC50_INTRA_OP_THREADS="1",
+        ESC50_LOG_LEVEL="info",
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "service"], env=env, cwd=repo_root, stderr=subprocess.PIPE, text=True
     )

@@ -1,13 +1,14 @@
 """Training end to end: smoke run, self-describing checkpoint, resume, evaluation, 2-process DDP."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from loadtests.local import clean_env
+from train import data as D
 from train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -19,8 +20,14 @@ from train.model import count_parameters
 TINY = ["--widths", "8,16", "--depths", "1,1"]
 
 
-def run_train(args, cwd, nproc: int = 1, timeout: int = 180):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def train_args(data_root, out_dir, *extra: str, batch_size: int = 4) -> list[str]:
+    """A short run on generated clips: 1-s crops, outputs in `out_dir`, then `extra` flags."""
+    common = ["--batch-size", str(batch_size), "--crop-seconds", "1"]
+    return ["--data-root", str(data_root), *common, "--out-dir", str(out_dir), *extra]
+
+
+def run_train(args, cwd, nproc: int = 1, timeout: int = 180, **env: str):
+    env = clean_env(OMP_NUM_THREADS="1", **env)
     cmd = [sys.executable, "-m", "train", *args]
     if nproc > 1:
         cmd = [
@@ -42,21 +49,7 @@ def test_smoke_run_full_model(synthetic_esc50, tmp_path, repo_root):
     """ResNet-34 itself, 1 epoch on 8 clips: produces a complete, loadable checkpoint."""
     out = tmp_path / "run"
     run_train(
-        [
-            "--data-root",
-            str(synthetic_esc50),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--crop-seconds",
-            "1",
-            "--val-fraction",
-            "0.25",
-            "--out-dir",
-            str(out),
-        ],
-        repo_root,
+        train_args(synthetic_esc50, out, "--epochs", "1", "--val-fraction", "0.25"), repo_root
     )
     ckpt = load_checkpoint(out / "final.pt")
     assert ckpt["labels"] == ["dog", "rain", "siren"]
@@ -78,23 +71,8 @@ def test_smoke_run_full_model(synthetic_esc50, tmp_path, repo_root):
 
 def test_resume_continues_and_learns(synthetic_esc50, tmp_path, repo_root):
     out = tmp_path / "run"
-    args = [
-        "--data-root",
-        str(synthetic_esc50),
-        "--batch-size",
-        "4",
-        "--crop-seconds",
-        "1",
-        "--val-fraction",
-        "0",
-        "--mix",
-        "none",
-        "--lr",
-        "0.01",
-        "--out-dir",
-        str(out),
-        *TINY,
-    ]
+    args = train_args(synthetic_esc50, out, "--val-fraction", "0", "--mix", "none", "--lr", "0.01")
+    args += TINY
     run_train([*args, "--epochs", "8", "--stop-after", "2"], repo_root)
     assert load_checkpoint(out / "last.pt")["epoch"] == 2
     assert not (out / "final.pt").exists()  # interrupted: no final checkpoint yet
@@ -109,22 +87,7 @@ def test_resume_continues_and_learns(synthetic_esc50, tmp_path, repo_root):
 def test_evaluate_and_release(synthetic_esc50, tmp_path, repo_root):
     out = tmp_path / "run"
     run_train(
-        [
-            "--data-root",
-            str(synthetic_esc50),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--crop-seconds",
-            "1",
-            "--val-fraction",
-            "0",
-            "--out-dir",
-            str(out),
-            *TINY,
-        ],
-        repo_root,
+        train_args(synthetic_esc50, out, "--epochs", "1", "--val-fraction", "0", *TINY), repo_root
     )
     small = tmp_path / "release.pt"
     release_checkpoint(out / "final.pt", small)
@@ -167,53 +130,36 @@ def test_bad_checkpoint_and_bad_data_errors(tmp_path, repo_root):
 
 
 def test_ddp_two_processes_gloo(synthetic_esc50, tmp_path, repo_root):
-    """torchrun, 2 CPU processes: the run completes, rank 0 alone writes, and the shards the
-    two ranks drew each epoch (train.train.epoch_order, as the run called it) are disjoint and
-    together cover every training clip once."""
-    out = tmp_path / "ddp"
+    """torchrun, 2 CPU processes: the run completes, rank 0 alone writes, and the clips each rank
+    trained on each epoch, as the training loop logged them (TRAIN_SHARD_LOG), are disjoint,
+    balanced, reshuffled every epoch, and together cover every training clip."""
+    out, shard_log = tmp_path / "ddp", tmp_path / "shards"
+    shard_log.mkdir()
+    args = ["--epochs", "2", "--val-fraction", "0.25", "--device", "cpu", *TINY]
     run_train(
-        [
-            "--data-root",
-            str(synthetic_esc50),
-            "--epochs",
-            "2",
-            "--batch-size",
-            "2",
-            "--crop-seconds",
-            "1",
-            "--val-fraction",
-            "0.25",
-            "--device",
-            "cpu",
-            "--out-dir",
-            str(out),
-            *TINY,
-        ],
+        train_args(synthetic_esc50, out, *args, batch_size=2),
         repo_root,
         nproc=2,
         timeout=300,
+        TRAIN_SHARD_LOG=str(shard_log),
     )
     ckpt = load_checkpoint(out / "final.pt")
     assert ckpt["epoch"] == 2
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # rank 0 alone writes
-    n = ckpt["data"]["train_clips"]
-    assert n == 9
-    seed = ckpt["train_config"]["seed"]
+    val = set(ckpt["data"]["val_stems"])
+    train_stems = {c.stem for c in D.select(synthetic_esc50).clips} - val
+    assert len(train_stems) == ckpt["data"]["train_clips"] == 9
+    logged = {
+        rank: [json.loads(x) for x in (shard_log / f"rank{rank}.jsonl").read_text().splitlines()]
+        for rank in (0, 1)
+    }
+    for rank, epochs in logged.items():
+        assert [(e["epoch"], e["rank"]) for e in epochs] == [(1, rank), (2, rank)]
     for epoch in range(2):
-        shards = [_shard(seed, n, rank, 2, epoch) for rank in (0, 1)]
-        assert not set(shards[0]) & set(shards[1]), f"epoch {epoch}: a clip on both ranks"
-        assert sorted(shards[0] + shards[1]) == list(range(n)), f"epoch {epoch}: not every clip"
-        assert abs(len(shards[0]) - len(shards[1])) <= 1  # balanced: 5 and 4
-
-
-def _shard(seed: int, n_clips: int, rank: int, world: int, epoch: int) -> list[int]:
-    """The clip indices `rank` trains on in `epoch`, from the function the training loop uses."""
-    from types import SimpleNamespace
-
-    from train.train import epoch_order
-
-    run = SimpleNamespace(
-        cfg=SimpleNamespace(seed=seed), train_clips=[None] * n_clips, rank=rank, world=world
-    )
-    return epoch_order(run, epoch).tolist()
+        seen = [set(logged[rank][epoch]["stems"]) for rank in (0, 1)]
+        assert not seen[0] & seen[1], f"epoch {epoch + 1}: a clip on both ranks"
+        assert seen[0] | seen[1] == train_stems, f"epoch {epoch + 1}: not every clip"
+        assert abs(len(seen[0]) - len(seen[1])) <= 1  # balanced: 5 and 4
+    orders = [logged[0][e]["stems"] + logged[1][e]["stems"] for e in range(2)]
+    assert orders[0] != orders[1], "the same order in both epochs"

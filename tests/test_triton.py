@@ -118,22 +118,39 @@ def test_make_target_writes_the_repository(tmp_path):
 # --- every kind of artifact, on the tiny model -----------------------------------------------
 
 
-@pytest.fixture()
-def artifacts(tmp_path, tiny_onnx) -> Path:
-    """tiny.{fp32,fp16,int8}.onnx (copies of the fp32 graph: I/O is what matters here), a
-    verify.json passing fp16 only, and a stand-in TensorRT plan with its sidecar."""
-    prefix = tmp_path / "tiny"
-    for variant in ("fp32", "fp16", "int8"):
-        shutil.copyfile(tiny_onnx, f"{prefix}.{variant}.onnx")
-    verify = {"variants": {"fp16": {"passed": True}, "int8": {"passed": False}}}
+def write_verify(prefix: Path, **passed: bool) -> None:
+    verify = {"variants": {v: {"passed": ok} for v, ok in passed.items()}}
     Path(f"{prefix}.verify.json").write_text(json.dumps(verify))
+
+
+@pytest.fixture()
+def artifacts(tmp_path, tiny_onnx, tiny_fp16, tiny_int8) -> Path:
+    """tiny.{fp32,fp16,int8}.onnx as the exporter and the quantiser wrote them, a verify.json
+    passing fp16 only, and a stand-in TensorRT plan with its sidecar."""
+    prefix = tmp_path / "tiny"
+    for variant, graph_file in (("fp32", tiny_onnx), ("fp16", tiny_fp16), ("int8", tiny_int8)):
+        shutil.copyfile(graph_file, f"{prefix}.{variant}.onnx")
+    write_verify(prefix, fp16=True, int8=False)
     plan = Path(f"{prefix}.fp16.plan")
     plan.write_bytes(b"not a real engine: Triton would load it, these tests only read configs")
     profile = {"input": "waveform", "min": [1, 1], "opt": [4, 1], "max": [8, 1]}
     write_sidecar(
-        plan, read_onnx_metadata(tiny_onnx), {"profile": profile, "onnx_file": "tiny.fp16.onnx"}
+        plan, read_onnx_metadata(tiny_fp16), {"profile": profile, "onnx_file": "tiny.fp16.onnx"}
     )
     return prefix
+
+
+def check_serves_its_variant(model_dir: Path, prefix: Path, variant: str) -> None:
+    """The model's 1/model.onnx is the `variant` artifact itself (each variant is a different
+    graph, so serving the wrong one shows)."""
+    served = model_dir / "1" / "model.onnx"
+    assert sha(served) == sha(Path(f"{prefix}.{variant}.onnx")), f"{model_dir.name} serves another"
+    assert read_onnx_metadata(served).variant == variant
+
+
+def test_the_variants_are_different_graphs(artifacts):
+    shas = {sha(Path(f"{artifacts}.{v}.onnx")) for v in ("fp32", "fp16", "int8")}
+    assert len(shas) == 3
 
 
 def test_every_servable_artifact_becomes_a_model(artifacts, tmp_path):
@@ -144,8 +161,20 @@ def test_every_servable_artifact_becomes_a_model(artifacts, tmp_path):
     assert kinds["tiny-fp32"].kind == pb2.ModelInstanceGroup.KIND_CPU
     assert kinds["tiny-fp32"].count == 2
     assert kinds["tiny-fp16"].kind == pb2.ModelInstanceGroup.KIND_GPU
-    for name in ("tiny-fp32", "tiny-fp16"):
-        check_against_graph(written[name], Path(f"{artifacts}.{name.split('-')[1]}.onnx"), cfg)
+    for variant in ("fp32", "fp16"):
+        model_dir = written[f"tiny-{variant}"]
+        check_against_graph(model_dir, Path(f"{artifacts}.{variant}.onnx"), cfg)
+        check_serves_its_variant(model_dir, artifacts, variant)
+
+
+def test_int8_that_passed_verify_is_a_cpu_model(artifacts, tmp_path):
+    write_verify(artifacts, fp16=False, int8=True)
+    cfg = TritonConfig()
+    written = {d.name: d for d in write_repository(artifacts, tmp_path / "repo", cfg)}
+    assert {"tiny-int8", "tiny-fp32"} <= set(written) and "tiny-fp16" not in written
+    assert parse(written["tiny-int8"]).instance_group[0].kind == pb2.ModelInstanceGroup.KIND_CPU
+    check_against_graph(written["tiny-int8"], Path(f"{artifacts}.int8.onnx"), cfg)
+    check_serves_its_variant(written["tiny-int8"], artifacts, "int8")
 
 
 def test_tensorrt_model_is_bounded_by_the_engine_profile(artifacts, tmp_path):

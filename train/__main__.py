@@ -1,4 +1,4 @@
-"""`python -m train [options]` trains; `python -m train {download,evaluate,release} ...`."""
+"""`python -m train [options]` trains; `python -m train {cv,compare,download,evaluate,...} ...`."""
 
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ def parse_train_config(argv: list[str]) -> TrainConfig:
     p = argparse.ArgumentParser(prog="python -m train", description="Train the ESC-50 model.")
     defaults = TrainConfig()
     for f in fields(TrainConfig):
-        if f.name in ("model", "folds", "esc10", "resume", "amp", "channels_last"):
+        if f.name in (
+            *("model", "folds", "esc10", "resume", "amp", "channels_last"),
+            *("teachers", "teachers_dir"),
+        ):
             continue
         p.add_argument(
             f"--{f.name.replace('_', '-')}",
@@ -34,7 +37,27 @@ def parse_train_config(argv: list[str]) -> TrainConfig:
     p.add_argument("--folds", type=_parse_folds, default=None, help="e.g. 1,2,3,4 (default all)")
     p.add_argument("--esc10", action="store_true", help="use the ESC-10 subset only")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
-    p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
+    p.add_argument(
+        "--amp",
+        choices=("auto", "bf16", "off"),
+        default=defaults.amp,
+        help="bf16 autocast of the CNN: auto = on CUDA and on CPUs with AVX-512 BF16 or AMX",
+    )
+    p.add_argument("--no-amp", dest="amp", action="store_const", const="off", help="--amp off")
+    p.add_argument(
+        "--teacher",
+        dest="teachers",
+        action="append",
+        default=[],
+        help="distil from this checkpoint (repeatable: the mean of their logits teaches)",
+    )
+    p.add_argument(
+        "--teachers-dir",
+        dest="teachers_dir",
+        action="append",
+        default=[],
+        help="distil from every final.pt under this folder (repeatable)",
+    )
     p.add_argument(
         "--no-channels-last",
         dest="channels_last",
@@ -54,10 +77,12 @@ def parse_train_config(argv: list[str]) -> TrainConfig:
 
 
 def train_main(argv: list[str]) -> int:
+    from .distill import TeacherError
+
     cfg = parse_train_config(argv)
     try:
         train(cfg)
-    except DataError as e:
+    except (DataError, TeacherError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -102,12 +127,19 @@ def throughput_report_main(argv: list[str]) -> int:
 
 def cv_main(argv: list[str]) -> int:
     from .cv import main
+    from .distill import TeacherError
 
     try:
         return main(argv)
-    except DataError as e:
+    except (DataError, TeacherError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def compare_main(argv: list[str]) -> int:
+    from .cv import compare_main
+
+    return compare_main(argv)
 
 
 def calibrate_main(argv: list[str]) -> int:
@@ -241,6 +273,7 @@ def card_main(argv: list[str]) -> int:
 COMMANDS = {
     "calibrate": calibrate_main,
     "card": card_main,
+    "compare": compare_main,
     "cv": cv_main,
     "throughput": throughput_main,
     "throughput-report": throughput_report_main,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 from contract.files import sha256_file
@@ -66,6 +67,48 @@ def clip_counts(data_root: str | Path) -> str:
     return f"ESC-10 subset: {describe(by_group[True])}; the others: {describe(by_group[False])}"
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str) -> subprocess.CompletedProcess[str] | None:
+    """Run git in this repository; None where git or the repository is absent."""
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _in_history(sha: str) -> bool:
+    """True when `sha` names a commit of this repository that HEAD descends from."""
+    known = _git("rev-parse", "--verify", "--quiet", f"{sha}^{{commit}}")
+    ancestor = known and known.returncode == 0 and _git("merge-base", "--is-ancestor", sha, "HEAD")
+    return bool(ancestor and ancestor.returncode == 0)
+
+
+def code_version_line(recorded: str, checkpoint: str | Path) -> str:
+    """The card's code version, only as something a reader can check in this repository.
+
+    A checkpoint records `git rev-parse HEAD` of the tree it was trained from; a copy trained on
+    another machine may record a commit that never reached this history (the shipped one did).
+    Such a hash is not written: the card names the commit that committed the checkpoint instead,
+    or says the version is unknown."""
+    sha = (recorded or "").split(" ")[0]
+    if sha.removesuffix("-dirty") and _in_history(sha.removesuffix("-dirty")):
+        changes = " plus uncommitted changes" if sha.endswith("-dirty") else ""
+        return f"`{sha.removesuffix('-dirty')}`{changes} (the commit it was trained from)"
+    path = Path(checkpoint).resolve()
+    unchanged = _git("diff", "--quiet", "HEAD", "--", str(path))
+    added = _git("log", "-1", "--format=%h", "--", str(path))
+    if unchanged and unchanged.returncode == 0 and added and added.stdout.strip():
+        commit, name = added.stdout.strip(), path.relative_to(REPO).as_posix()
+        return (
+            f"`{commit}`, the commit that added this checkpoint (`git log -1 -- {name}`): the "
+            f"commit it recorded is not in this repository's history, so `train/` at `{commit}` "
+            "is the training code to read"
+        )
+    return "unknown (the checkpoint records no commit of this repository's history)"
+
+
 def group_rows(report: dict) -> list[str]:
     rows = []
     for kind, groups in report["weights"].items():
@@ -103,7 +146,8 @@ def render(
         f"- parameters: {n_params:,} (CNN; the front-end has none)",
         f"- file: `{Path(checkpoint).name}`, weights ({ckpt.get('weights', 'raw')}) stored as "
         f"{ckpt.get('weights_dtype', 'float32')}, sha256 `{sha256_file(checkpoint)[:16]}...`",
-        f"- code version: `{ckpt['code_version']}`, saved {ckpt['saved_at']}",
+        f"- saved {ckpt['saved_at']}; code version: "
+        f"{code_version_line(ckpt['code_version'], checkpoint)}",
         f"- front-end: {json.dumps(fe)}",
         "",
         "## Training",

@@ -76,6 +76,30 @@ def index_audio(audio_dir: Path) -> dict[str, Path]:
     return {p.stem: p for p in sorted(audio_dir.iterdir()) if p.suffix.lower() in AUDIO_SUFFIXES}
 
 
+def _nothing_selected(
+    root: Path, rows: list[dict], on_disk: dict[str, Path], folds: list[int] | None, esc10: bool
+) -> str:
+    """Why nothing was selected, and which folds there are: a partial copy (such as the local
+    one, folds 1-4) lacks folds that the metadata of the official download lists."""
+    present = sorted(
+        {
+            int(r["fold"])
+            for r in rows
+            if Path(r["filename"]).stem in on_disk
+            and (not esc10 or r["esc10"].strip().lower() == "true")
+        }
+    )
+    subset = " ESC-10" if esc10 else ""
+    if not present:
+        return f"no{subset} clips of {root / 'meta' / 'esc50.csv'} are on disk in {root / 'audio'}"
+    asked, listed = ", ".join(map(str, folds or [])), ", ".join(map(str, present))
+    return (
+        f"no{subset} clips of folds {asked} on disk in {root}: the folds there are {listed}. "
+        f"Pass some of them (--folds {','.join(map(str, present))}; "
+        "make evaluate FOLDS=...) or use the full dataset (python -m train download)"
+    )
+
+
 def select(root: str | Path, folds: list[int] | None = None, esc10: bool = False) -> Selection:
     """Clips of the chosen folds (all when None) present on disk; missing ones are counted."""
     root = Path(root)
@@ -105,7 +129,7 @@ def select(root: str | Path, folds: list[int] | None = None, esc10: bool = False
             )
         )
     if not clips:
-        raise DataError(f"no clips selected in {root} (folds={folds}, esc10={esc10})")
+        raise DataError(_nothing_selected(root, rows, on_disk, folds, esc10))
     if missing:
         log.info(
             "%d of %d selected clips are not on disk (partial copy)",

@@ -26,9 +26,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from contract.machine import cpu_flags, cpu_model
+
 from . import data as D
 from .augment import AugmentConfig, Augmenter
 from .checkpoint import code_version, load_checkpoint, save_checkpoint
+from .distill import Teacher, distill_loss, load_teacher, teacher_paths
 from .evaluate import classification_metrics, predict, write_report
 from .frontend import FrontendConfig
 from .model import AudioClassifier, ModelConfig
@@ -64,8 +67,10 @@ class TrainConfig:
     time_mask_width: int = 40  # max frames per time mask (for a 5-s input; scaled to the crop)
     ema_decay: float = 0.998  # EMA of the weights, evaluated and shipped (0: off)
     seed: int = 0  # everything random derives from it
+    split_seed: int = -1  # seed of the validation split (-1: `seed`); fixed, runs of several
+    # seeds hold out the same clips, so that they can teach each other's folds honestly
     device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # bf16 autocast for the CNN on CUDA (front-end stays FP32)
+    amp: str = "auto"  # bf16 autocast of the CNN: auto (CUDA; CPU with AVX-512 BF16/AMX) | off
     channels_last: bool = True  # NHWC activations for the CNN on CUDA (faster convolutions)
     threads: int = 0  # torch intra-op threads on CPU (0: torch's default)
     out_dir: str = "runs/esc50"  # checkpoints, metrics.jsonl, reports
@@ -73,6 +78,10 @@ class TrainConfig:
     eval_every: int = 4  # epochs between validation passes (always after the last; 0: last)
     save_every: int = 1  # epochs between resumable checkpoints (always after the last)
     stop_after: int = 0  # stop after this epoch, resumable (split a run across jobs; 0: off)
+    teachers: list[str] = field(default_factory=list)  # checkpoints whose mean logits teach
+    teachers_dir: list[str] = field(default_factory=list)  # folders: every final.pt teaches
+    distill_alpha: float = 0.5  # weight of the teacher's KL term (1 - alpha: the labels)
+    distill_temperature: float = 2.0  # softmax temperature of the KL term
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
@@ -161,6 +170,9 @@ class Run:
     info: dict
     t0: float
     metrics: dict = field(default_factory=dict)
+    amp: torch.dtype | None = None  # autocast dtype of the CNN (None: FP32)
+    teacher: Teacher | None = None  # distillation: the ensemble whose logits the CNN learns
+    last_kl: float = 0.0  # the last step's KL to the teacher (0 without one)
 
 
 def seed_everything(seed: int) -> None:
@@ -171,10 +183,11 @@ def seed_everything(seed: int) -> None:
 
 def prepare_data(cfg: TrainConfig):
     sel = D.select(cfg.data_root, cfg.folds, cfg.esc10)
+    split_seed = cfg.seed if cfg.split_seed < 0 else cfg.split_seed
     if cfg.cv_folds:
-        train_clips, val_clips = D.split_kfold(sel.clips, cfg.cv_folds, cfg.cv_index, cfg.seed)
+        train_clips, val_clips = D.split_kfold(sel.clips, cfg.cv_folds, cfg.cv_index, split_seed)
     elif cfg.val_fraction > 0:
-        train_clips, val_clips = D.split_holdout(sel.clips, cfg.val_fraction, cfg.seed)
+        train_clips, val_clips = D.split_holdout(sel.clips, cfg.val_fraction, split_seed)
     else:
         train_clips, val_clips = sel.clips, []
     if cfg.max_clips:
@@ -185,6 +198,8 @@ def prepare_data(cfg: TrainConfig):
         "train_clips": len(train_clips),
         "val_clips": len(val_clips),
         "val_stems": [c.stem for c in val_clips],
+        "train_stems": [c.stem for c in train_clips],  # what a student may not validate on
+        "split_seed": split_seed,
         "train_folds": sorted({c.fold for c in train_clips}),
         "train_esc10_clips": sum(c.esc10 for c in train_clips),
     }
@@ -225,7 +240,7 @@ def setup(cfg: TrainConfig) -> Run:
     labels, train_clips, val_clips, data_info = prepare_data(cfg)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        log.info("data: %s", {k: v for k, v in data_info.items() if k != "val_stems"})
+        log.info("data: %s", {k: v for k, v in data_info.items() if not k.endswith("_stems")})
     t0 = time.time()
     waves = torch.from_numpy(D.load_waveforms(train_clips)).to(device)
     targets = torch.tensor([c.target for c in train_clips])
@@ -266,6 +281,15 @@ def setup(cfg: TrainConfig) -> Run:
         waves, targets, len(labels), augment_config(cfg, FrontendConfig().sample_rate), gen
     )
     info = {"train_config": _jsonable(cfg), "data": data_info, "code_version": code_version()}
+    amp = autocast_dtype(cfg.amp, device)
+    info["amp"] = str(amp).removeprefix("torch.") if amp else "fp32"
+    teacher = setup_teacher(cfg, labels, model, val_clips, device)
+    if teacher is not None:
+        info["distillation"] = {
+            "teachers": teacher.sources,
+            "alpha": cfg.distill_alpha,
+            "temperature": cfg.distill_temperature,
+        }
     return Run(
         cfg,
         device,
@@ -288,11 +312,63 @@ def setup(cfg: TrainConfig) -> Run:
         info,
         time.time(),
         metrics,
+        amp,
+        teacher,
     )
 
 
+def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where the hardware runs it natively (auto), always (bf16) or never (off)."""
+    if mode not in ("auto", "bf16", "off"):
+        raise SystemExit(f"--amp must be auto, bf16 or off, not {mode!r}")
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        native = bool(cpu_bf16_flags())
+    if mode == "off" or (mode == "auto" and not native):
+        if mode == "auto":
+            log.info("amp: fp32 (no native bf16 on %s)", device_name(device))
+        return None
+    if not native:
+        log.warning("amp: bf16 forced on %s without native bf16: emulated, slow", device)
+    where = f"CPU flags {cpu_bf16_flags()}" if device.type == "cpu" else device_name(device)
+    log.info("amp: bf16 autocast of the CNN (%s)", where)
+    return torch.bfloat16
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's native bf16 instruction sets (AVX-512 BF16, AMX) named in /proc/cpuinfo."""
+    return [x for x in ("avx512_bf16", "amx_bf16") if x in cpu_flags()]
+
+
+def setup_teacher(
+    cfg: TrainConfig,
+    labels: list[str],
+    model: AudioClassifier,
+    val_clips: list[D.Clip],
+    device: torch.device,
+) -> Teacher | None:
+    """The distillation teacher asked for, checked against this run's validation clips."""
+    paths = teacher_paths(cfg.teachers, cfg.teachers_dir)
+    if not paths:
+        return None
+    all_stems = [c.stem for c in D.select(cfg.data_root, cfg.folds, cfg.esc10).clips]
+    teacher = load_teacher(
+        paths,
+        labels,
+        model.frontend.cfg.to_dict(),
+        [c.stem for c in val_clips],
+        all_stems,
+        device,
+    )
+    if cfg.channels_last and device.type == "cuda":
+        teacher.to(memory_format=torch.channels_last)
+    log.info("distilling from %d teachers: %s", len(paths), [str(p) for p in paths])
+    return teacher
+
+
 def train_step(run: Run, idx: torch.Tensor) -> tuple[float, int]:
-    """One optimiser step on the clips `idx`; returns (loss, correct w.r.t. the main label)."""
+    """One optimiser step on the clips `idx`; returns (loss, correct w.r.t. the main label).
+    With a teacher, `run.last_kl` holds the step's KL to it (before the alpha weighting)."""
     cfg, model = run.cfg, run.model
     idx = idx.to(run.device)
     y = run.aug.targets[idx]
@@ -301,13 +377,19 @@ def train_step(run: Run, idx: torch.Tensor) -> tuple[float, int]:
         feats = run.aug.spec_augment(model.frontend(wave))  # FP32
     if cfg.channels_last and run.device.type == "cuda":
         feats = feats.contiguous(memory_format=torch.channels_last)
-    use_amp = cfg.amp and run.device.type == "cuda"
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_amp):
+    with torch.autocast(run.device.type, dtype=run.amp or torch.bfloat16, enabled=bool(run.amp)):
         logits = run.cnn(feats)
+        teacher_logits = run.teacher(feats) if run.teacher is not None else None  # same batch
     logits = logits.float()
     if cfg.label_smoothing:
         target = target * (1 - cfg.label_smoothing) + cfg.label_smoothing / target.shape[1]
-    loss = -(target * F.log_softmax(logits, 1)).sum(1).mean()
+    if teacher_logits is None:
+        loss = -(target * F.log_softmax(logits, 1)).sum(1).mean()
+    else:
+        loss, kl = distill_loss(
+            logits, teacher_logits, target, cfg.distill_alpha, cfg.distill_temperature
+        )
+        run.last_kl = kl.item()
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -324,30 +406,45 @@ def epoch_order(run: Run, epoch: int) -> torch.Tensor:
     return torch.randperm(len(run.train_clips), generator=g)[run.rank :: run.world]
 
 
+def log_shard(run: Run, epoch: int, trained: list[int]) -> None:
+    """With TRAIN_SHARD_LOG=<folder>, append the stems this rank trained on this epoch to
+    <folder>/rank<r>.jsonl: the DDP test observes the shards instead of recomputing them."""
+    folder = os.environ.get("TRAIN_SHARD_LOG")
+    if folder:
+        stems = [run.train_clips[i].stem for i in trained]
+        with open(Path(folder) / f"rank{run.rank}.jsonl", "a") as f:
+            f.write(json.dumps({"epoch": epoch + 1, "rank": run.rank, "stems": stems}) + "\n")
+
+
 def train_epoch(run: Run, epoch: int) -> dict:
     cfg = run.cfg
     run.model.train()
     run.gen.manual_seed(cfg.seed * 1_000_003 + 7919 * run.rank + epoch)  # resumable randomness
     t_epoch = time.time()
     order = epoch_order(run, epoch)
-    sums = [0.0, 0.0, 0.0]  # loss * n, correct, n
+    sums = [0.0, 0.0, 0.0, 0.0]  # loss * n, correct, n, KL to the teacher * n
     bar = _progress(range(run.steps_per_epoch), f"epoch {epoch + 1}/{cfg.epochs}", run.rank)
+    trained: list[int] = []  # the clips this rank's steps took, in order (TRAIN_SHARD_LOG)
     for step in bar:
         idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         if len(idx) == 0:  # uneven shards: keep step counts equal across ranks
             idx = order[: cfg.batch_size]
+        trained += idx.tolist()
         loss, correct = train_step(run, idx)
         sums[0] += loss * len(idx)
         sums[1] += correct
         sums[2] += len(idx)
+        sums[3] += run.last_kl * len(idx)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", lr=f"{run.sched.get_last_lr()[0]:.2e}")
-    loss_sum, correct, count = all_reduce_sum(sums, run.device)
+    log_shard(run, epoch, trained)
+    loss_sum, correct, count, kl_sum = all_reduce_sum(sums, run.device)
     metrics = {
         "epoch": epoch + 1,
         "train_loss": loss_sum / count,
         "train_acc": correct / count,
         "lr": run.sched.get_last_lr()[0],
+        **({"train_kl_to_teacher": kl_sum / count} if run.teacher is not None else {}),
         "epoch_seconds": round(time.time() - t_epoch, 2),
     }
     last = epoch + 1 == cfg.epochs
@@ -364,6 +461,7 @@ def finish(run: Run) -> Path:
     """Final checkpoint (the EMA weights when averaging; no optimizer state), validation report
     and the validation logits (for pooling across folds and fitting a temperature)."""
     summary = {k: v for k, v in run.metrics.items() if k.startswith(("val_", "train_", "epoch"))}
+    summary["amp"] = run.info["amp"]
     summary["wall_seconds"] = round(time.time() - run.t0, 1)
     summary["device"] = device_name(run.device)
     shipped = run.ema.model if run.ema is not None else run.model
@@ -476,22 +574,12 @@ def measure_throughput(
         "crop_seconds": cfg.crop_seconds,
         "batch_size": cfg.batch_size,
         "channels_last": cfg.channels_last,
+        "amp": run.info["amp"],
     }
 
 
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model()
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 def _sync(device: torch.device) -> None:

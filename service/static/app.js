@@ -218,6 +218,9 @@ function drawWindow() {
     "Log-mel spectrogram";
   $("cam-label").textContent = w.cam_label;
   drawMap($("spectrogram"), w.logmel, spectrogramColour(w.logmel));
+  // The CAM comes on the log-mel's grid, each last-stage cell already at its receptive field's
+  // centre (service/explain.py): the two canvases share one box, so they overlay 1:1. (Stretching
+  // the 14-cell grid here put the map half a cell after the event.)
   drawMap($("cam"), w.cam, camColour(w.cam));
   $("stages").replaceChildren(...w.stages.map(stageFigure));
 }
