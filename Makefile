@@ -9,8 +9,8 @@
 # build/<stem>.verify.{json,md} (EXPORT_DIR, git-ignored), `make bench` build/bench.{md,json}
 # (BENCH_OUT), evaluations and load tests reports/. RELEASE=1 replaces the committed artifacts
 # and reports instead (models/, loadtests/reports/bench): `make export verify bench RELEASE=1`.
-# `make serve` and export-triton use build/'s export once there is one, the committed models/
-# until then; the page's explanations come from the export's <stem>.explain.onnx (the service
+# `make serve` serves the model repository (models/repository); `make serve-export` and
+# export-triton use build/'s export once there is one, the committed models/ until then; the page's explanations come from the export's <stem>.explain.onnx (the service
 # looks when asked, so `make export` needs no restart; compose.yaml mounts build/ for it too).
 #
 # Ports: PORT (8000) is the service's for `make serve` and the one `make loadtest` targets (README,
@@ -42,11 +42,11 @@ BENCH_ARGS ?=
 EXTRAS ?= train,export,serve,loadtest,dev
 
 .PHONY: help install install-serve test test-fast lint train train-shipped train-throughput train-smoke train-ddp evaluate \
-        export export-trt export-triton verify serve bench loadtest soak soak-ci docker-build \
+        export export-trt export-triton verify serve serve-export bench bench-protocols bench-streams loadtest soak soak-ci docker-build \
         docker-smoke docker-smoke-replicas compose-config clean
 
 help:  ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -106,6 +106,25 @@ FOLDS ?= 5
 evaluate:  ## evaluate the shipped checkpoint on fold 5 (FOLDS=...) -> reports/evaluation.md
 	$(PY) -m train evaluate $(MODEL).pt --data-root $(DATA) $(if $(FOLDS),--folds $(FOLDS))
 
+# Your own sounds (docs/own-sounds.md): DATA=<folder of DATA/<label>/clips or DATA/labels.csv>,
+# published as the next version of NAME in the repository the service reads.
+NAME ?=
+FINETUNE_REPOSITORY ?= $(or $(ESC50_MODEL_REPOSITORY),models/repository)
+FINETUNE_ARGS ?=
+.PHONY: finetune
+finetune:  ## fine-tune on DATA=<labelled folder> as NAME=<name>, publish a version (FINETUNE_ARGS)
+	@test -n "$(NAME)" || { echo "usage: make finetune DATA=<folder> NAME=<model name>"; exit 2; }
+	$(PY) -m train finetune --data $(DATA) --name $(NAME) --repository $(FINETUNE_REPOSITORY) \
+		$(FINETUNE_ARGS)
+
+# The same on real data nobody re-labelled: ESC-10 laid out as a folder (symlinks, groups =
+# source recordings), published into build/repository (not git) -> models/training/finetune-esc10.md
+.PHONY: finetune-esc10
+finetune-esc10:  ## `make finetune` on ESC-10 as a folder -> build/repository, the report in models/training
+	rm -rf build/esc10-folder && $(PY) -m train esc10-folder build/esc10-folder --data-root $(DATA)
+	$(PY) -m train finetune --data build/esc10-folder --name esc10 --repository build/repository \
+		--work-dir runs/finetune/esc10 --report models/training/finetune-esc10.md $(FINETUNE_ARGS)
+
 export:  ## ONNX fp32 / fp16 / int8 / explain from the shipped checkpoint -> build/ (RELEASE=1: models/)
 	$(PY) -m export onnx --checkpoint $(MODEL).pt --data-root $(DATA) --out-prefix $(EXPORTED)
 
@@ -124,10 +143,29 @@ verify:  ## parity of the exported artifacts against PyTorch on real clips -> bu
 # int8 against fp32 on each CV fold's own validation clips (issue 19); written by the GPU run
 FOLDWISE_REPORT ?= models/training/foldwise-int8.json
 
+# /v1/classify vs v2 REST (binary) vs v2 gRPC at saturation -> build/protocols.md
+# (RELEASE=1: loadtests/reports/protocols.md)
+bench-protocols:  ## the three protocols' throughput on the same clips
+	$(PY) -m loadtests.bench_protocols $(if $(filter 1,$(RELEASE)),--out loadtests/reports/protocols)
+
+# concurrent live streams one replica sustains -> build/streams.md (RELEASE=1: loadtests/reports)
+bench-streams:  ## WS /v1/stream capacity at hop 1 s, with /v1/classify alongside
+	$(PY) -m loadtests.stream_bench $(if $(filter 1,$(RELEASE)),--out loadtests/reports/streams) $(STREAM_BENCH_ARGS)
+
 memory:  ## peak RSS idle / under load / under decode bombs -> loadtests/reports/memory.md
 	$(PY) -m loadtests.memory
 
-serve:  ## run the service on 127.0.0.1:PORT (8000): build/'s export if any, else models/
+# The model repository `make serve` serves (ESC50_MODEL_REPOSITORY wins): the shipped model as
+# esc50-resnet34/1 and whatever `make finetune` published. New version folders and models load
+# within 2 s; the control API (/v2/repository) is open, the service listening on loopback only.
+REPOSITORY ?= $(or $(ESC50_MODEL_REPOSITORY),models/repository)
+serve:  ## run the service on 127.0.0.1:PORT (8000) over the model repository (REPOSITORY)
+	ESC50_MODEL_REPOSITORY=$(REPOSITORY) ESC50_REPOSITORY_POLL_S=2 ESC50_CONTROL_OPEN=1 \
+	ESC50_EXPLAIN_MODEL_PATH=$(or $(ESC50_EXPLAIN_MODEL_PATH),$(EXPORTED).explain.onnx) \
+	ESC50_PORT=$(PORT) $(PY) -m service
+
+serve-export:  ## run the service on one exported model: build/'s export if any, else models/
+	ESC50_MODEL_REPOSITORY= \
 	ESC50_MODEL_DIR=$(or $(ESC50_MODEL_DIR),$(dir $(ARTIFACTS))) ESC50_MODEL_STEM=$(STEM) \
 	ESC50_EXPLAIN_MODEL_PATH=$(or $(ESC50_EXPLAIN_MODEL_PATH),$(EXPORTED).explain.onnx) \
 	ESC50_PORT=$(PORT) $(PY) -m service

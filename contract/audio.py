@@ -165,9 +165,7 @@ def _decode_blocks(
     the output written into one array sized from the header (grown if the header was short)."""
     rate, channels = f.samplerate, f.channels
     block = np.empty((max(1, DECODE_BLOCK_SAMPLES // channels), channels), np.float32)
-    stream = None
-    if rate != sample_rate:
-        stream = soxr.ResampleStream(rate, sample_rate, 1, dtype="float32", quality="HQ")
+    stream = resampler(rate, sample_rate) if rate != sample_rate else None
     known = 0 < f.frames < SF_COUNT_MAX
     out = _Output(math.ceil(f.frames * sample_rate / rate) + 64 if known else sample_rate)
     frames, more = 0, True
@@ -183,6 +181,13 @@ def _decode_blocks(
     if stream is not None and frames:
         out.append(stream.resample_chunk(np.zeros(0, np.float32), last=True))
     return out.samples(), frames
+
+
+def resampler(source_rate: int, sample_rate: int = SAMPLE_RATE) -> soxr.ResampleStream:
+    """The reader's resampler: mono float32, soxr HQ, stateful. Chunks in any sizes give the
+    same samples as one call on the whole signal (no clicks at chunk borders); the service's
+    live streams (service/streams.py) resample with it as audio arrives."""
+    return soxr.ResampleStream(source_rate, sample_rate, 1, dtype="float32", quality="HQ")
 
 
 class _Output:

@@ -15,6 +15,7 @@ smoke_images
 export GRAFANA_IMAGE=${GRAFANA_IMAGE:-grafana/grafana:11.1.0}
 # Ports of their own, so the smoke never meets a `make serve` or a user's stack.
 export API_PORT=${SMOKE_API_PORT:-18000} PROMETHEUS_PORT=${SMOKE_PROMETHEUS_PORT:-19090}
+export API_GRPC_PORT=${SMOKE_API_GRPC_PORT:-18002}
 export GRAFANA_PORT=${SMOKE_GRAFANA_PORT:-13000}
 export COMPOSE_PROJECT_NAME=esc50-smoke
 API=http://127.0.0.1:$API_PORT
@@ -70,6 +71,29 @@ echo "$answer" | python3 -c 'import json, sys; d = json.load(sys.stdin); p = d["
 assert len(p) == 3 and all(0 <= x["probability"] <= 1 for x in p), d
 print("ok: top label", p[0]["label"], round(p[0]["probability"], 3), "model", d["model"])' \
     || fail "classify answer has the wrong shape"
+
+step "the same clip over the Open Inference Protocol's gRPC, through the LB (:$API_GRPC_PORT)"
+if .venv/bin/python -c "import tritonclient.grpc" 2>/dev/null; then
+    .venv/bin/python - "$CLIP" "$API_GRPC_PORT" "$answer" <<'PY' || fail "gRPC infer through the LB"
+import json, sys
+
+import numpy as np
+import tritonclient.grpc as g
+
+clip, port, v1 = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+client = g.InferenceServerClient(f"127.0.0.1:{port}")
+assert client.is_server_ready()
+audio = g.InferInput("audio", [1], "BYTES")
+audio.set_data_from_numpy(np.array([open(clip, "rb").read()], dtype=object))
+wanted = [g.InferRequestedOutput("probabilities")]
+p = client.infer("esc50-resnet34", [audio], outputs=wanted).as_numpy("probabilities")[0]
+top = v1["predictions"][0]
+assert int(p.argmax()) == top["index"] and abs(p[top["index"]] - top["probability"]) < 1e-6, (p, top)
+print("ok: gRPC through the LB answers as /classify:", top["label"], round(float(p.max()), 3))
+PY
+else
+    echo "SKIP gRPC: tritonclient is not in .venv (make install brings it)"
+fi
 
 step "the classify request, scraped from /metrics by Prometheus ($PROM)"
 query='sum(esc50_http_requests_total{route="/classify",status="200"})'

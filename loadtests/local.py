@@ -33,7 +33,8 @@ def clean_env(**overrides: str) -> dict[str, str]:
     started with it runs the settings the caller names, not whatever the user's shell exports
     (an ESC50_API_TOKEN there would turn every unauthenticated request into a 401)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ESC50_")}
-    return {**env, **overrides}
+    # gRPC off unless asked: servers started side by side would all want port 8001
+    return {**env, "ESC50_GRPC_PORT": "0", **overrides}
 
 
 def exited(proc: subprocess.Popen) -> Callable[[], str | None]:

@@ -44,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 AUDIO_DIR = REPO.parent / "shared" / "esc50" / "audio"  # real clips when present
 MiB = 1 << 20
+SHIPPED_INT8 = REPO / "models" / "esc50-resnet34.int8.onnx"
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -154,6 +155,23 @@ def at_once(base: str, bodies: list[tuple[str, bytes, str]]) -> dict[str, int]:
         return dict(pool.map(one, bodies))
 
 
+def versions(base: str, policy: str) -> dict:
+    """Load the repository's model under `policy` (the control API), wait for the versions it
+    drops to unload, and say what each loaded version added when it loaded."""
+    config = json.dumps({"version_policy": policy})
+    with httpx.Client(base_url=base, timeout=300) as c:
+        r = c.post(
+            "/v2/repository/models/esc50-resnet34/load", json={"parameters": {"config": config}}
+        )
+        r.raise_for_status()
+        for _ in range(600):
+            listing = c.get("/v1/models").json()
+            if not listing["unavailable"]:
+                break
+            time.sleep(0.1)
+    return {f"v{m['version']} MiB": round(m["memory_bytes"] / 2**20, 1) for m in listing["models"]}
+
+
 def phase(pid: int, name: str, run) -> dict:
     before = vm(pid)
     t0 = time.monotonic()
@@ -225,11 +243,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def measure(args: argparse.Namespace) -> dict:
     port = free_port()
+    # the shipped model as versions 1 and 2 of a repository (same bytes): version 2 loads and
+    # unloads at the end, to measure what one more loaded version costs and what comes back
+    repo = Path(tempfile.mkdtemp(prefix="esc50-memory-repo-"))
+    for v in (1, 2):
+        (repo / "esc50-resnet34" / str(v)).mkdir(parents=True)
+        (repo / "esc50-resnet34" / str(v) / "model.onnx").symlink_to(SHIPPED_INT8)
     env = clean_env(
         ESC50_HOST="127.0.0.1",
         ESC50_PORT=str(port),
         ESC50_LOG_LEVEL="warning",
         ESC50_MAX_QUEUE_WAIT_S=str(args.max_queue_wait_s),
+        ESC50_MODEL_REPOSITORY=str(repo),
+        ESC50_VERSION_POLICY="specific:1",
+        ESC50_CONTROL_OPEN="1",
     )
     log = Path(tempfile.gettempdir()) / f"esc50-memory-{port}.log"  # the service's output
     with log.open("w") as out:
@@ -271,6 +298,8 @@ def measure(args: argparse.Namespace) -> dict:
                 f"{n} honest 110 s mono WAV uploads at once",
                 lambda: at_once(base, [(f"wav{i}", long_wav, "audio/wav") for i in range(n)]),
             ),
+            phase(pid, "version 2 loaded beside version 1", lambda: versions(base, "all")),
+            phase(pid, "version 2 unloaded", lambda: versions(base, "specific:1")),
         ]
         with httpx.Client(base_url=base, timeout=60) as c:
             after = post(c, *clips[0])
@@ -302,6 +331,8 @@ def markdown(r: dict) -> str:
         res = p["result"]
         if "statuses" in res:
             answers = f"{res['requests']} requests: {res['statuses']}"
+        elif any(k.endswith("MiB") for k in res):  # what each loaded version added at load
+            answers = "loaded: " + ", ".join(f"{k.split()[0]} +{v} MiB" for k, v in res.items())
         else:
             counts: dict[str, int] = {}
             for name, status in res.items():
@@ -333,6 +364,11 @@ def markdown(r: dict) -> str:
         f"| explain places | {w['explain_mib']:.0f} |",
     ]
     return "\n".join(lines) + "\n"
+
+
+def rewrite(json_path: Path) -> None:
+    """Re-render the markdown from a saved JSON report."""
+    json_path.with_suffix(".md").write_text(markdown(json.loads(json_path.read_text())))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,10 +95,10 @@ def _port_free(port: int) -> bool:
 
 
 def servers_cfg(ports: list[int]) -> str:
-    """The local `backend api`: everything else comes from haproxy.cfg's `defaults replicas`."""
-    lines = ["backend api"] + [
-        f"    server replica{i} 127.0.0.1:{p}" for i, p in enumerate(ports, 1)
-    ]
+    """The local `backend api` and `backend streams`: everything else comes from haproxy.cfg's
+    `defaults replicas` and `defaults streams`."""
+    servers = [f"    server replica{i} 127.0.0.1:{p}" for i, p in enumerate(ports, 1)]
+    lines = ["backend api from replicas", *servers, "", "backend streams from streams", *servers]
     return "\n".join(lines) + "\n"
 
 

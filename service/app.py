@@ -16,13 +16,13 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contract.metadata import MetadataError
-from service.artifacts import ModelNotFound, resolve_model_path
-from service.backends import Backend, BackendUnavailable, load_backend, warmup
+from service.artifacts import ModelNotFound
+from service.backends import Backend, BackendUnavailable, load_backend
 from service.classifier import Classifier
 from service.errors import (
     ClientGone,
@@ -31,16 +31,25 @@ from service.errors import (
     error_response,
     register_error_handlers,
 )
-from service.explain import Explainer
+from service.explain import ExplainUnavailable
 from service.metrics import Metrics
+from service.observability import tracing
+from service.observability.middleware import ObservabilityMiddleware
+from service.observability.request_ids import set_request_model
+from service.outcome import version_outcome
+from service.repository import LoadFailed, ModelRepository
 from service.schemas import ClassifyResponse, ErrorResponse, ExplainResponse, ModelList, Status
 from service.settings import Settings
+from service.streams import attach_streams
 from service.upload import AUDIO_MEDIA_TYPES, MULTIPART, read_audio_bytes
+from service.v2.control import control_router
+from service.v2.grpc_server import start_grpc, stop_grpc
+from service.v2.rest import v2_router
 
 log = logging.getLogger("service")
 
 BackendLoader = Callable[[Settings, Path], Backend]
-STARTUP_ERRORS = (MetadataError, BackendUnavailable, ModelNotFound)
+STARTUP_ERRORS = (MetadataError, BackendUnavailable, ModelNotFound, LoadFailed)
 
 
 # --- lifespan --------------------------------------------------------------------------------
@@ -48,70 +57,37 @@ STARTUP_ERRORS = (MetadataError, BackendUnavailable, ModelNotFound)
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Load (refusing a bad artifact before serving), start the batcher, warm up in the
-    background (/readyz says 503 until done), and drain on shutdown."""
+    """Open the repository's start-up models (a broken default model stops the start), warm
+    them in the background (/readyz says 503 until the default model answers), and drain on
+    shutdown: every version finishes what it accepted, then unloads."""
     settings: Settings = app.state.settings
     try:
-        path = resolve_model_path(settings)
-        backend = await asyncio.to_thread(app.state.backend_loader, settings, path)
+        repository = ModelRepository(settings, app.state.metrics, app.state.backend_loader)
+        await repository.start()
     except STARTUP_ERRORS as e:
         log.error("cannot serve: %s", e)
         raise
-    classifier = Classifier(backend, settings, app.state.metrics)
-    app.state.classifier = classifier
-    _publish_model_info(app.state.metrics, classifier, path)
-    classifier.start()
-    app.state.explainer = Explainer(settings)  # loads its artifact on the first /v1/explain
-    warming = asyncio.create_task(_warm(app, classifier))
+    app.state.repository = repository
+    app.state.accepting = True
+    poller = asyncio.create_task(repository.poll()) if settings.repository_poll_s > 0 else None
     try:
+        await start_grpc(app)  # v2 gRPC on ESC50_GRPC_PORT (0: off)
         yield
     finally:
-        _set_ready(app, False)
-        await asyncio.wait({warming})
-        await asyncio.to_thread(classifier.stop)  # drain: queued requests still get answers
-        await asyncio.to_thread(app.state.explainer.close)
-        backend.close()
+        app.state.accepting = False
+        await stop_grpc(app)
+        if poller is not None:
+            poller.cancel()
+        streams = getattr(app.state, "streams", None)
+        if streams is not None:  # open streams get a final event and a reconnect close code
+            await streams.close_all()
+        await repository.close()
         log.info("stopped")
 
 
-async def _warm(app: FastAPI, classifier: Classifier) -> None:
-    if app.state.settings.warmup:
-        t0 = time.perf_counter()
-        try:
-            sizes = [1, classifier.max_batch_size]
-            await asyncio.to_thread(warmup, classifier.backend, sizes)
-        except Exception:
-            log.exception("warm-up failed; /readyz stays 503")
-            return
-        log.info("warmed up batch sizes %s in %.2f s", sizes, time.perf_counter() - t0)
-    _set_ready(app, True)
-
-
-def _set_ready(app: FastAPI, ready: bool) -> None:
-    app.state.ready = ready
-    app.state.metrics.ready.set(int(ready))
-
-
-def _publish_model_info(metrics: Metrics, c: Classifier, path: Path) -> None:
-    m = c.meta
-    metrics.model_info.info(
-        {
-            "name": m.model_name,
-            "version": m.model_version,
-            "variant": m.variant,
-            "backend": c.backend.name,
-            "provider": c.backend.provider,
-            "path": path.name,
-        }
-    )
-    log.info(
-        "serving %s %s (%s) with %s/%s",
-        m.model_name,
-        m.model_version,
-        m.variant,
-        c.backend.name,
-        c.backend.provider,
-    )
+def is_ready(app: FastAPI) -> bool:
+    repository: ModelRepository | None = app.state.repository
+    return bool(app.state.accepting and repository is not None and repository.is_ready())
 
 
 # --- dependencies ----------------------------------------------------------------------------
@@ -121,11 +97,21 @@ def _publish_model_info(metrics: Metrics, c: Classifier, path: Path) -> None:
 _bearer = HTTPBearer(auto_error=False, description="the token this service's ESC50_API_TOKEN sets")
 
 
-def ready_classifier(request: Request) -> Classifier:
-    if not request.app.state.ready:
+def serving_repository(request: Request) -> ModelRepository:
+    """The repository, once the service takes requests (503 while starting or draining; each
+    route's model then answers for itself: 404 unknown, 503 not loaded)."""
+    repository_or_none: ModelRepository | None = request.app.state.repository
+    if not request.app.state.accepting or repository_or_none is None or repository_or_none.starting:
         retry = str(request.app.state.settings.retry_after_s)
         raise NotReady("the model is loading or warming up", headers={"Retry-After": retry})
-    classifier: Classifier = request.app.state.classifier
+    repository: ModelRepository = request.app.state.repository
+    return repository
+
+
+def ready_classifier(request: Request) -> Classifier:
+    """The default model's default version (for callers that need no lease)."""
+    classifier = serving_repository(request).get().classifier
+    assert classifier is not None
     return classifier
 
 
@@ -140,7 +126,7 @@ def check_token(
         raise Unauthorized("missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
-ClassifierDep = Annotated[Classifier, Depends(ready_classifier)]
+RepositoryDep = Annotated[ModelRepository, Depends(serving_repository)]
 
 
 # --- routes ----------------------------------------------------------------------------------
@@ -176,47 +162,96 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def classify(
-    request: Request,
-    classifier: ClassifierDep,
-    top_k: Annotated[int | None, Query(ge=1, le=1000, description="how many labels")] = None,
+TopK = Annotated[int | None, Query(ge=1, le=1000, description="how many labels")]
+
+
+async def _classify(
+    request: Request, repository: ModelRepository, name: str | None, version: str | None, k: TopK
 ) -> ClassifyResponse:
-    """Classify an audio clip. Audio longer than 5 s is scored in windows (mean probability)."""
     settings: Settings = request.app.state.settings
     deadline = time.monotonic() + settings.request_timeout_s
-    with request.app.state.metrics.in_flight.track_inprogress():
-        # A place in the queue before the body is read: a refused request (503 + Retry-After)
-        # costs no upload buffering, no decode and no resample.
-        admission = classifier.admit()
-        try:
-            data = await read_audio_bytes(request, settings.max_body_bytes)
-            k = top_k or settings.default_top_k
-            return await classifier.classify(data, k, deadline, request.receive, admission)
-        finally:
-            admission.release()
+    metrics: Metrics = request.app.state.metrics
+    with metrics.in_flight.track_inprogress(), repository.lease(name, version) as mv:
+        classifier = mv.classifier
+        set_request_model(mv.name, mv.version)
+        assert classifier is not None
+        with version_outcome(classifier):
+            # A place in the queue before the body is read: a refused request (503 +
+            # Retry-After) costs no upload buffering, no decode and no resample.
+            admission = classifier.admit()
+            try:
+                data = await read_audio_bytes(request, settings.max_body_bytes)
+                top_k = k or settings.default_top_k
+                return await classifier.classify(data, top_k, deadline, request.receive, admission)
+            finally:
+                admission.release()
 
 
-async def explain(
-    request: Request,
-    classifier: ClassifierDep,
-    top_k: Annotated[int | None, Query(ge=1, le=1000, description="how many labels")] = None,
+async def classify(request: Request, repository: RepositoryDep, top_k: TopK = None):
+    """Classify an audio clip with the default model's default version. Audio longer than 5 s is
+    scored in windows (mean probability)."""
+    return await _classify(request, repository, None, None, top_k)
+
+
+async def classify_model(
+    request: Request, repository: RepositoryDep, name: str, top_k: TopK = None
+):
+    """Classify an audio clip with model `name`'s default version."""
+    return await _classify(request, repository, name, None, top_k)
+
+
+async def classify_version(
+    request: Request, repository: RepositoryDep, name: str, version: str, top_k: TopK = None
+):
+    """Classify an audio clip with one version of model `name`."""
+    return await _classify(request, repository, name, version, top_k)
+
+
+async def _explain(
+    request: Request, repository: ModelRepository, name: str | None, version: str | None, k: TopK
 ) -> ExplainResponse:
-    """Classify an audio clip and show why: per window, the log-mel the model saw, each stage's
-    feature maps and the top label's class activation map (fp32 explain artifact, loaded on the
-    first request; up to ESC50_EXPLAIN_MAX_DURATION_S of audio)."""
     settings: Settings = request.app.state.settings
     deadline = time.monotonic() + settings.request_timeout_s
-    explainer: Explainer = request.app.state.explainer
-    with request.app.state.metrics.in_flight.track_inprogress():
+    with (
+        request.app.state.metrics.in_flight.track_inprogress(),
+        repository.lease(name, version) as mv,
+    ):
+        explainer, classifier = mv.explainer, mv.classifier
+        set_request_model(mv.name, mv.version)
+        assert classifier is not None
+        if explainer is None:
+            raise ExplainUnavailable(
+                f"{mv.name} version {mv.version} has no explain.onnx in its folder; "
+                "/v1/classify still works"
+            )
         # A place among explain requests before the body is read, as in `classify`: a refused
         # request (503 + Retry-After) costs no upload buffering and no decode.
         admission = explainer.admit()
         try:
             data = await read_audio_bytes(request, settings.max_body_bytes)
-            k = top_k or settings.default_top_k
-            return await explainer.explain(classifier, data, k, deadline, admission)
+            top_k = k or settings.default_top_k
+            return await explainer.explain(classifier, data, top_k, deadline, admission)
         finally:
             admission.release()  # a no-op once the explain pool holds the place
+
+
+async def explain(request: Request, repository: RepositoryDep, top_k: TopK = None):
+    """Classify an audio clip and show why: per window, the log-mel the model saw, each stage's
+    feature maps and the top label's class activation map (fp32 explain artifact, loaded on the
+    first request; up to ESC50_EXPLAIN_MAX_DURATION_S of audio)."""
+    return await _explain(request, repository, None, None, top_k)
+
+
+async def explain_model(request: Request, repository: RepositoryDep, name: str, top_k: TopK = None):
+    """Explain with model `name`'s default version."""
+    return await _explain(request, repository, name, None, top_k)
+
+
+async def explain_version(
+    request: Request, repository: RepositoryDep, name: str, version: str, top_k: TopK = None
+):
+    """Explain with one version of model `name`."""
+    return await _explain(request, repository, name, version, top_k)
 
 
 _EXPLAIN_503 = "no explain artifact (`make export`), explain queue full, or not ready"
@@ -229,29 +264,28 @@ def build_router(require_token: bool) -> APIRouter:
     errors = _ERRORS if require_token else {s: e for s, e in _ERRORS.items() if s != 401}
     explain_errors = {**errors, 503: _EXPLAIN_ERRORS[503]}
     router = APIRouter()
-    for path in ("/v1/classify", "/classify"):
+    V = "/v1/models/{name}/versions/{version}"
+    routes: list[tuple[str, Callable[..., Any], str, str]] = [  # path, endpoint, tag, summary
+        ("/v1/classify", classify, "classify", "Classify audio (the default model)"),
+        ("/classify", classify, "classify", "Classify audio (alias of /v1/classify)"),
+        ("/v1/models/{name}/classify", classify_model, "classify", "Classify with a model"),
+        (f"{V}/classify", classify_version, "classify", "Classify with a model version"),
+        ("/v1/explain", explain, "explain", "Classify and explain audio"),
+        ("/v1/models/{name}/explain", explain_model, "explain", "Explain with a model"),
+        (f"{V}/explain", explain_version, "explain", "Explain with a model version"),
+    ]
+    for path, endpoint, tag, summary in routes:
         router.add_api_route(
             path,
-            classify,
+            endpoint,
             methods=["POST"],
-            response_model=ClassifyResponse,
-            tags=["classify"],
+            response_model=ClassifyResponse if tag == "classify" else ExplainResponse,
+            tags=[tag],
             dependencies=guard,
-            responses=errors,
+            responses=errors if tag == "classify" else explain_errors,
             openapi_extra=_REQUEST_BODY,
-            summary="Classify audio" + (" (alias of /v1/classify)" if path == "/classify" else ""),
+            summary=summary,
         )
-    router.add_api_route(
-        "/v1/explain",
-        explain,
-        methods=["POST"],
-        response_model=ExplainResponse,
-        tags=["explain"],
-        dependencies=guard,
-        responses=explain_errors,
-        openapi_extra=_REQUEST_BODY,
-        summary="Classify and explain audio",
-    )
     return router
 
 
@@ -295,8 +329,8 @@ async def healthz() -> Status:
 
 @probes.get("/readyz", response_model=Status, responses={503: {"model": ErrorResponse}})
 async def readyz(request: Request) -> Response:
-    """Readiness: 200 once the model is loaded and warmed up, 503 before and while draining."""
-    if request.app.state.ready:
+    """Readiness: 200 once the default model is loaded and warmed, 503 before and while draining."""
+    if is_ready(request.app):
         return JSONResponse({"status": "ready"})
     retry = {"Retry-After": str(request.app.state.settings.retry_after_s)}
     return error_response(503, "not_ready", "the model is loading or warming up", retry)
@@ -304,15 +338,19 @@ async def readyz(request: Request) -> Response:
 
 @probes.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    return Response(
-        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
-    )
+    # OpenMetrics when asked (Prometheus asks): the only format that carries exemplars
+    encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(encoder(request.app.state.metrics.registry), media_type=content_type)
 
 
 @probes.get("/v1/models", response_model=ModelList, tags=["models"])
-async def models(classifier: ClassifierDep) -> ModelList:
-    """The served model: name, version, labels, front-end config, backend and provider."""
-    return ModelList(models=[classifier.card()])
+async def models(request: Request) -> ModelList:
+    """Every loaded model version (name, version, labels, front-end, backend, memory) and the
+    versions loading, unloading or failed, with the reason."""
+    repository: ModelRepository | None = request.app.state.repository
+    if repository is None:
+        raise NotReady("the model repository is opening")
+    return repository.model_list()
 
 
 # --- middleware ------------------------------------------------------------------------------
@@ -342,7 +380,8 @@ class MetricsMiddleware:
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.request_latency.labels(route).observe(time.perf_counter() - t0)
+            latency = time.perf_counter() - t0
+            self.metrics.request_latency.labels(route).observe(latency, tracing.exemplar())
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
@@ -369,15 +408,20 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.backend_loader = backend_loader or load_backend
-    app.state.classifier = None
-    app.state.ready = False
-    app.state.explainer = None
+    app.state.repository = None
+    app.state.accepting = False
+    app.state.metrics.ready.set_function(lambda: int(is_ready(app)))
     register_error_handlers(app)
     app.add_exception_handler(ClientGone, _client_gone)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    # outermost (added last): request IDs, the request's trace, the access log line
+    app.add_middleware(ObservabilityMiddleware, access_log_sample=settings.access_log_sample)
     app.include_router(build_router(require_token=settings.api_token is not None))
     app.include_router(probes)
+    app.include_router(control_router(settings))
+    app.include_router(v2_router())
     app.include_router(pages)
+    attach_streams(app)  # WS /v1/stream and app.state.streams (service/streams.py)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.mount("/docs-assets", StaticFiles(directory=swagger_assets()), name="docs-assets")
     return app

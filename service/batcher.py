@@ -24,11 +24,13 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
-from service.metrics import Metrics
+from service.metrics import Metrics, VersionMetrics
+from service.observability import tracing
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class Job:
     done: int = 0  # windows with logits (worker only)
     logits: np.ndarray | None = None
     abandoned: bool = False  # set by the event loop when the client goes away
+    trace: Any = None  # tracing.JobTrace while tracing is on: its spans, after each batch
 
     @property
     def remaining(self) -> int:
@@ -80,14 +83,14 @@ class Batcher:
         max_wait_s: float,
         max_queue_size: int,
         max_queue_wait_s: float = float("inf"),
-        metrics: Metrics | None = None,
+        metrics: VersionMetrics | None = None,
     ) -> None:
         self.predict = predict
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_size = max_queue_size
         self.max_queue_wait_s = max_queue_wait_s
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics().for_version("model", "1")
         self._pending: deque[Job] = deque()
         self._pending_windows = 0
         self._admitted = 0  # requests holding an Admission: upload still being read/decoded
@@ -120,11 +123,15 @@ class Batcher:
         return (ahead + unread) * (self._window_s["full"] or self._window_s["any"])
 
     def submit(
-        self, windows: np.ndarray, deadline: float, admission: Admission | None = None
+        self,
+        windows: np.ndarray,
+        deadline: float,
+        admission: Admission | None = None,
+        trace: Any = None,
     ) -> Job:
         """Queue a request's windows. Without an `admission`, raises Overloaded at once if the
         queue is full; with one, the place it holds is used."""
-        job = Job(windows, deadline)
+        job = Job(windows, deadline, trace=trace)
         with self._cond:
             if admission is None:
                 self._refuse_if_full(1)
@@ -252,6 +259,7 @@ class Batcher:
             self._running = 0
         self.metrics.batch_size.observe(len(x))
         self._scatter(batch, y)
+        tracing.record_batch(batch, len(x), took)  # after the answers: delays none of them
 
     def _timed(self, window_s: float, windows: int) -> None:
         """Fold one batch's seconds per window into the averages the admission uses."""

@@ -15,7 +15,9 @@ from service.audio import SINGLE_WINDOW_SLACK_S, DecodedAudio, decode, make_wind
 from service.backends import Backend
 from service.batcher import Admission, Batcher, Job
 from service.errors import ClientGone, DeadlineExceeded
-from service.metrics import Metrics
+from service.metrics import VersionMetrics
+from service.observability import tracing
+from service.observability.request_ids import note_audio
 from service.schemas import ClassifyResponse, ModelCard, ModelRef, Prediction, TimelineEntry
 from service.settings import Settings
 
@@ -39,8 +41,12 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 class Classifier:
-    def __init__(self, backend: Backend, settings: Settings, metrics: Metrics) -> None:
-        self.backend, self.settings, self.metrics = backend, settings, metrics
+    """One loaded model version: its backend, its own batcher and its answers' model reference."""
+
+    def __init__(
+        self, backend: Backend, settings: Settings, metrics: VersionMetrics, ref: ModelRef
+    ) -> None:
+        self.backend, self.settings, self.metrics, self.ref = backend, settings, metrics, ref
         self.meta = meta = backend.metadata
         self.max_batch_size = min(settings.max_batch_size, backend.max_batch_size or 1 << 30)
         self.hop = max(1, round(settings.window_hop_s * meta.sample_rate))
@@ -86,12 +92,16 @@ class Classifier:
         admission: Admission | None = None,
     ) -> ClassifyResponse:
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self.decode_pool, self.prepare, data)
+        with tracing.span("decode"):  # a shared no-op while tracing is off
+            prepared = await loop.run_in_executor(self.decode_pool, self.prepare, data)
+        note_audio(prepared.audio.duration_s, len(prepared.starts))  # for the access log line
         if time.monotonic() >= deadline:
             raise DeadlineExceeded("the request ran past its deadline while decoding")
-        job = self.batcher.submit(prepared.windows, deadline, admission)
-        logits = await _wait(job, deadline, receive)  # (W, C)
-        return self.respond(prepared, logits, top_k)
+        trace = tracing.job_trace(self.backend.name)  # None while tracing is off
+        job = self.batcher.submit(prepared.windows, deadline, admission, trace)
+        logits = await wait_for_logits(job, deadline, receive)  # (W, C)
+        with tracing.span("respond"):
+            return self.respond(prepared, logits, top_k)
 
     def respond(self, prepared: Prepared, logits: np.ndarray, top_k: int) -> ClassifyResponse:
         labels = self.meta.labels
@@ -100,11 +110,7 @@ class Classifier:
         top = np.argsort(-mean, kind="stable")[: min(top_k, len(labels))]
         audio, n = prepared.audio, len(prepared.audio.waveform)
         return ClassifyResponse(
-            model=ModelRef(
-                name=self.meta.model_name,
-                version=self.meta.model_version,
-                variant=self.meta.variant,
-            ),
+            model=self.ref,
             predictions=[
                 Prediction(label=labels[i], index=int(i), probability=float(mean[i])) for i in top
             ],
@@ -132,12 +138,16 @@ class Classifier:
             for w, (s, b) in enumerate(zip(starts, best, strict=True))
         ]
 
-    def card(self) -> ModelCard:
+    def model_ref(self) -> ModelRef:
+        return self.ref
+
+    def card(self, state: str, default: bool, memory_bytes: int | None = None) -> ModelCard:
         m = self.meta
         return ModelCard(
-            name=m.model_name,
-            version=m.model_version,
-            variant=m.variant,
+            **self.ref.model_dump(),
+            state=state,
+            default=default,
+            memory_bytes=memory_bytes,
             labels=m.labels,
             sample_rate=m.sample_rate,
             clip_samples=m.clip_samples,
@@ -149,7 +159,7 @@ class Classifier:
         )
 
 
-async def _wait(job: Job, deadline: float, receive: Receive) -> np.ndarray:
+async def wait_for_logits(job: Job, deadline: float, receive: Receive) -> np.ndarray:
     """The job's logits; ClientGone if the client disconnects first, 504 past the deadline."""
     result: asyncio.Future[Any] = asyncio.wrap_future(job.future)
     watch: asyncio.Future[Any] = asyncio.ensure_future(_disconnected(receive))

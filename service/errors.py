@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contract import errors as contract_errors
+from service.observability.request_ids import HEADER, current_request_id, note_error
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,13 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}
 def error_response(
     status: int, code: str, message: str, headers: dict | None = None
 ) -> JSONResponse:
-    body = {"error": {"code": code, "message": message}}
+    """The one /v1 error shape, with the request's ID (also in the header: an unhandled
+    exception is answered outside the middleware that adds it to every other answer)."""
+    body: dict = {"error": {"code": code, "message": message}}
+    note_error(code)
+    if (rid := current_request_id()) is not None:
+        body["error"]["request_id"] = rid
+        headers = {**(headers or {}), HEADER: rid}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

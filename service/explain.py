@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.files import sha256_file
 from contract.metadata import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -28,7 +29,7 @@ from service.audio import decode, make_windows
 from service.backends import BackendUnavailable
 from service.classifier import Classifier, Prepared
 from service.errors import DeadlineExceeded, NotReady, Overloaded
-from service.schemas import EncodedMap, ExplainResponse, ModelRef, StageMaps, WindowExplanation
+from service.schemas import EncodedMap, ExplainResponse, StageMaps, WindowExplanation
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ class ExplainModel:
         if missing := set(self.outputs.names()) - have:
             raise MetadataError(f"{path.name} lacks outputs {sorted(missing)}")
         _check_same_model(self.meta, served, path)
+        self.sha256 = sha256_file(path)[:12]
 
     def run(self, windows: np.ndarray) -> dict[str, np.ndarray]:
         """(W, clip) -> every named output, windows first (weights as they are)."""
@@ -206,8 +208,9 @@ class Explainer:
     """Loads the artifact on first use and runs explain requests on `explain_concurrency`
     threads; more than `explain_max_queue` waiting ones get 503 instead of piling up."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings, self.path = settings, explain_path(settings)
+    def __init__(self, settings: Settings, path: Path | None = None) -> None:
+        """`path`: the version folder's explain artifact; None = the legacy settings' one."""
+        self.settings, self.path = settings, path or explain_path(settings)
         self.model: ExplainModel | None = None
         self.pool = ThreadPoolExecutor(settings.explain_concurrency, thread_name_prefix="explain")
         self.pending = 0  # places held: admitted and not finished (touched on the event loop only)
@@ -277,7 +280,8 @@ class Explainer:
         )
         out = model.run(windows)  # the same windows /v1/classify scores
         result = classifier.respond(Prepared(audio, windows, starts), out[OUTPUT_NAME], top_k)
-        ref = ModelRef(name=meta.model_name, version=meta.model_version, variant=meta.variant)
+        # the served version's name and number, this artifact's precision and bytes
+        ref = classifier.ref.model_copy(update={"variant": meta.variant, "sha256": model.sha256})
         sr, clip, n = meta.sample_rate, meta.clip_samples, len(audio.waveform)
         return ExplainResponse(
             classification=result.model_copy(update={"model": ref}),

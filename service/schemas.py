@@ -22,13 +22,19 @@ class TimelineEntry(BaseModel):
 
 
 class ModelRef(BaseModel):
-    name: str
-    version: str
-    variant: str
+    name: str = Field(description="the model's name in the repository")
+    version: str = Field(description="the repository version (the version folder's number)")
+    variant: str = Field(description="int8, fp32, fp16 (the artifact's precision)")
+    sha256: str = Field(description="the artifact's content hash (first 12 hex digits)")
 
 
 _EXAMPLE: dict[str, Any] = {
-    "model": {"name": "esc50-resnet34", "version": "1", "variant": "int8"},
+    "model": {
+        "name": "esc50-resnet34",
+        "version": "1",
+        "variant": "int8",
+        "sha256": "3f9c2a41b7e0",
+    },
     "predictions": [
         {"label": "dog", "index": 0, "probability": 0.91},
         {"label": "wind", "index": 16, "probability": 0.03},
@@ -64,6 +70,9 @@ class ModelCard(BaseModel):
     name: str
     version: str
     variant: str
+    sha256: str
+    state: str = Field(description="loading, ready, unloading or failed")
+    default: bool = Field(description="answers this model's unversioned routes")
     labels: list[str]
     sample_rate: int
     clip_samples: int
@@ -74,15 +83,32 @@ class ModelCard(BaseModel):
     metrics: dict[str, Any] = Field(
         default_factory=dict, description="evaluation recorded at export"
     )
+    memory_bytes: int | None = Field(
+        default=None, description="resident memory this version added when it loaded (RSS delta)"
+    )
+
+
+class VersionStatus(BaseModel):
+    """A version that is not serving (loading, unloading or failed), and why."""
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""
 
 
 class ModelList(BaseModel):
-    models: list[ModelCard]
+    default_model: str | None = Field(description="the model /v1/classify and /classify use")
+    models: list[ModelCard] = Field(description="every loaded version, ready to answer")
+    unavailable: list[VersionStatus] = Field(
+        default_factory=list, description="versions loading, unloading or failed (with reason)"
+    )
 
 
 class ErrorDetail(BaseModel):
     code: str
     message: str
+    request_id: str | None = Field(default=None, description="the answer's X-Request-ID")
 
 
 class ErrorResponse(BaseModel):

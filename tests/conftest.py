@@ -23,6 +23,8 @@ def no_user_esc50_settings() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         for name in [k for k in os.environ if k.startswith("ESC50_")]:
             mp.delenv(name)
+        # no gRPC on Triton's port 8001 for every test server; gRPC tests pick a free port
+        mp.setenv("ESC50_GRPC_PORT", "0")
         yield
 
 

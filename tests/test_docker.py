@@ -165,8 +165,9 @@ def test_replicas_sit_behind_the_load_balancer():
     api, lb = services["api"], services["lb"]
     assert not api.get("ports"), "replicas are reached through the load balancer only"
     assert api["restart"] == "unless-stopped"
-    (port,) = lb["ports"]
-    assert (port["host_ip"], port["published"], port["target"]) == ("127.0.0.1", "8000", 8080)
+    http, grpc = lb["ports"]
+    assert (http["host_ip"], http["published"], http["target"]) == ("127.0.0.1", "8000", 8080)
+    assert (grpc["host_ip"], grpc["published"], grpc["target"]) == ("127.0.0.1", "8002", 8001)
     mounts = {v["target"]: v["source"] for v in lb["volumes"]}
     assert Path(mounts["/usr/local/etc/haproxy/haproxy.cfg"]) == HAPROXY
     locust = compose_config("loadtest")["services"]["locust"]
@@ -179,8 +180,13 @@ def test_load_balancer_checks_readiness_and_retries_on_other_replicas():
     lines = haproxy_lines()
     assert 'bind "${ESC50_LB_BIND-:8080}"' in lines  # compose sets no ESC50_LB_*: :8080
     assert "option httpchk GET /readyz" in lines and "http-check expect status 200" in lines
-    (template,) = [line for line in lines if line.startswith("server-template")]
-    assert f"api:{dockerfile_env('ESC50_PORT')} resolvers docker" in template
+    templates = [line for line in lines if line.startswith("server-template")]
+    http_port = dockerfile_env("ESC50_PORT")
+    grpc_port = str(Settings.model_fields["grpc_port"].default)  # (the tests set 0)
+    # the classify API and the streams on the HTTP port; gRPC (h2) checked on the HTTP port
+    assert sum(f"api:{http_port} resolvers docker" in t for t in templates) == 2, templates
+    (grpc,) = [t for t in templates if f"api:{grpc_port} " in t]
+    assert "proto h2" in grpc and f"check port {http_port}" in grpc
     default_server = next(line for line in lines if line.startswith("default-server"))
     assert " check" in default_server and "maxconn" in default_server
     retry_on = next(line for line in lines if line.startswith("retry-on")).split()[1:]
@@ -264,8 +270,28 @@ def test_dashboard_queries_metrics_the_service_exports():
         assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), expr
         bare = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\"[^\"]*\"", "", expr)  # drop selectors, ranges
         words = set(re.findall(r"[a-zA-Z_][a-zA-Z0-9_]*", bare)) - PROMQL_WORDS
-        words -= {"route", "status", "reason", "instance", "e"}  # label names in by (...), 1e-9
+        labels = {"route", "status", "reason", "instance", "model", "version", "state"}
+        words -= labels | {"e"}  # label names in by (...), and 1e-9
         assert words and words <= exported, f"{sorted(words - exported)} in {expr}"
+
+
+def test_dashboard_shows_each_model_version():
+    """Issue 16: requests, latency, batch size, queue and loaded versions by model and version."""
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [
+        t["expr"] for p in dash["panels"] if "model version" in p["title"] for t in p["targets"]
+    ]
+    joined = " ".join(exprs)
+    for metric in (
+        "esc50_inference_requests_total",
+        "esc50_inference_request_duration_seconds_bucket",
+        "esc50_batch_size_sum",
+        "esc50_queue_depth",
+        "esc50_model_version_loaded",
+        "esc50_model_version_memory_bytes",
+    ):
+        assert metric in joined, metric
+    assert all("by (model, version" in e for e in exprs), exprs
 
 
 def test_dashboard_has_per_replica_panels():

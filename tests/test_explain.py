@@ -206,7 +206,7 @@ def test_explain_limits(client: TestClient) -> None:
     assert r.status_code == 413 and r.json()["error"]["code"] == "audio_too_long"
     r = client.post("/v1/explain", content=b"not audio" * 50, headers={"content-type": "audio/wav"})
     assert r.status_code == 415 and set(r.json()) == {"error"}
-    explainer = client.app.state.explainer  # type: ignore[attr-defined]
+    explainer = client.app.state.repository.get().explainer  # type: ignore[attr-defined]
     s = explainer.settings
     explainer.pending = s.explain_concurrency + s.explain_max_queue  # as if that many queued
     try:

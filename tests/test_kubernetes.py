@@ -131,12 +131,14 @@ def test_probes_use_the_services_routes_and_port(overlay):
     assert answers("/no-such-route") == 404
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"]["port"] == "http"
-    (port,) = c["ports"]
+    port, grpc = c["ports"]
     assert port["name"] == "http"
     assert port["containerPort"] == int(env(overlay)["ESC50_PORT"])
     assert port["containerPort"] == int(dockerfile_env("Dockerfile")["ESC50_PORT"])
-    service_port = one(overlay, "Service")["spec"]["ports"][0]
-    assert service_port["targetPort"] in ("http", port["containerPort"])
+    assert (grpc["name"], grpc["containerPort"]) == ("grpc", int(env(overlay)["ESC50_GRPC_PORT"]))
+    http_service, grpc_service = one(overlay, "Service")["spec"]["ports"]
+    assert http_service["targetPort"] in ("http", port["containerPort"])
+    assert grpc_service["targetPort"] == "grpc"
 
 
 def test_prometheus_annotations_point_at_the_metrics_route():
@@ -151,13 +153,21 @@ def entrypoint_env_names() -> set[str]:
     return set(re.findall(r"^\s+(ESC50_\w+)\s", GPU_ENTRYPOINT.read_text(), re.M))
 
 
+def otel_variables() -> set[str]:
+    """The variables the OpenTelemetry SDK documents (its environment_variables module)."""
+    names = pytest.importorskip("opentelemetry.sdk.environment_variables")
+    return {v for k, v in vars(names).items() if k.startswith("OTEL_")}
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_env_names_and_values_are_real_settings(overlay):
     fields = Settings.model_fields
     values = {}
     for name, value in env(overlay).items():
         key = name.removeprefix("ESC50_").lower()
-        if key in fields:
+        if name.startswith("OTEL_"):  # read by the OpenTelemetry SDK (service/observability)
+            assert name in otel_variables(), f"{name} is not an OpenTelemetry SDK variable"
+        elif key in fields:
             values[key] = value
         else:
             assert name in entrypoint_env_names(), (

@@ -15,7 +15,18 @@ from servers import serve
 from service.app import create_app
 from service.settings import Settings
 
-INFERENCE = {("/v1/classify", "post"), ("/classify", "post"), ("/v1/explain", "post")}
+INFERENCE = {
+    (path, "post")
+    for path in (
+        "/v1/classify",
+        "/classify",
+        "/v1/explain",
+        "/v1/models/{name}/classify",
+        "/v1/models/{name}/versions/{version}/classify",
+        "/v1/models/{name}/explain",
+        "/v1/models/{name}/versions/{version}/explain",
+    )
+}
 TOKEN = "openapi-test-token"
 
 

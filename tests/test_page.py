@@ -12,25 +12,16 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+from browsers import CHROMIUM, HAVE_PLAYWRIGHT, REPORTS, browser_marks
 from servers import serve
 
 from service.settings import Settings
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-try:
+if HAVE_PLAYWRIGHT:
     from playwright.sync_api import Browser, Page, sync_playwright
-except ImportError:  # the dev extra brings it; the checks below say so
-    sync_playwright = None  # type: ignore[assignment]
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(sync_playwright is None, reason="needs playwright: pip install -e .[dev]"),
-    pytest.mark.skipif(
-        not Path(CHROMIUM).is_file(), reason="needs Debian's chromium: apt-get install chromium"
-    ),
-]
+pytestmark = browser_marks
 
-REPORTS = Path(__file__).resolve().parent.parent / "reports"
 
 # Every pixel's mean over R, G, B: the variance says whether a canvas shows anything.
 CANVAS_STATS = """(id) => {
@@ -231,3 +222,33 @@ def test_docs_render_without_network(server: str, page: Page) -> None:
     assert all(u.startswith(server) or u.startswith("data:") for u in requested), requested
     page.screenshot(path=REPORTS / "docs.png")
     assert page.locator(".info a", has_text="The page").get_attribute("href") == "/"
+
+
+def test_the_page_lists_loaded_versions_and_classifies_with_the_chosen_one(
+    tiny_onnx: Path, tiny_int8: Path, page: Page, clip: Path, tmp_path: Path
+) -> None:
+    """Issue 16: the page offers the repository's loaded models and versions, sends the sound
+    to the chosen one, and says which model and version answered."""
+    repo = tmp_path / "repo"
+    for version, artifact in ((1, tiny_onnx), (2, tiny_int8)):
+        (repo / "tiny" / str(version)).mkdir(parents=True)
+        shutil.copy(artifact, repo / "tiny" / str(version) / "model.onnx")
+    settings = Settings(model_repository=repo, version_policy="all", intra_op_threads=1)
+    with serve(settings) as base:
+        page.goto(base)
+        page.wait_for_selector("#model option[value='tiny/versions/1']", state="attached")
+        options = page.eval_on_selector_all("#model option", "os => os.map((o) => o.value)")
+        assert options == ["", "tiny", "tiny/versions/1", "tiny/versions/2"]
+        page.select_option("#model", "tiny/versions/1")
+        with page.expect_response(lambda r: "/classify" in r.url) as answer:
+            page.set_input_files("#file", str(clip))
+        assert answer.value.url.split("?")[0].endswith("/v1/models/tiny/versions/1/classify")
+        page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+        assert "model tiny version 1 (fp32)" in page.text_content("#meta")
+        page.select_option("#model", "")  # the default: the highest version
+        page.set_input_files("#file", [])
+        page.set_input_files("#file", str(clip))
+        page.wait_for_function(
+            "document.getElementById('meta').textContent.includes('version 2')", timeout=60_000
+        )
+        assert "model tiny version 2 (int8)" in page.text_content("#meta")

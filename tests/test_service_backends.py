@@ -14,6 +14,7 @@ from contract.metadata import MetadataError
 from service.artifacts import ModelNotFound, resolve_model_path
 from service.backends import BackendUnavailable, load_backend, warmup
 from service.batcher import Batcher
+from service.metrics import Metrics
 from service.settings import Settings
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -42,12 +43,22 @@ def test_batching_does_not_change_logits(ort_backend) -> None:
     rng = np.random.default_rng(1)
     clips = (0.1 * rng.standard_normal((8, 220500))).astype(np.float32)  # (8, clip)
     alone = np.concatenate([ort_backend.predict(clips[i : i + 1]) for i in range(8)])
-    batcher = Batcher(ort_backend.predict, max_batch_size=8, max_wait_s=0.5, max_queue_size=8)
+    metrics = Metrics()
+    batcher = Batcher(
+        ort_backend.predict,
+        max_batch_size=8,
+        max_wait_s=0.5,
+        max_queue_size=8,
+        metrics=metrics.for_version("m", "1"),
+    )
     batcher.start()
     jobs = [batcher.submit(clips[i : i + 1], deadline=1e12) for i in range(8)]
     batched = np.concatenate([j.future.result(30) for j in jobs])
     batcher.stop(5)
-    sample = batcher.metrics.registry.get_sample_value
+
+    def sample(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {"model": "m", "version": "1"})
+
     assert sample("esc50_batch_size_sum") == 8 and sample("esc50_batch_size_count") < 8
     np.testing.assert_array_equal(batched, alone)
 

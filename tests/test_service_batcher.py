@@ -13,6 +13,8 @@ from service.batcher import Batcher
 from service.errors import DeadlineExceeded, InferenceFailed, Overloaded
 from service.metrics import Metrics
 
+MV = {"model": "m", "version": "1"}  # the labels of the batcher's metrics here
+
 CLIP = 4  # fake windows of 4 samples; the fake model's "logits" are the window sums
 
 
@@ -40,7 +42,7 @@ def windows(n: int, value: float) -> np.ndarray:
 
 def make(model: FakeModel, **kw) -> Batcher:
     opts = {"max_batch_size": 4, "max_wait_s": 0.05, "max_queue_size": 16, **kw}
-    b = Batcher(model, metrics=Metrics(), **opts)
+    b = Batcher(model, metrics=Metrics().for_version("m", "1"), **opts)
     b.start()
     return b
 
@@ -77,7 +79,7 @@ def test_a_failing_batch_fails_exactly_its_jobs_and_the_loop_goes_on() -> None:
     for j in second:
         np.testing.assert_array_equal(j.future.result(5), [[8.0, -8.0]])
     assert b.submit(windows(1, 1.0), far()).future.result(5).shape == (1, 2)  # still alive
-    assert b.metrics.registry.get_sample_value("esc50_batch_failures_total") == 1
+    assert b.metrics.registry.get_sample_value("esc50_batch_failures_total", MV) == 1
     b.stop(5)
 
 
@@ -101,7 +103,7 @@ def test_abandoned_and_expired_jobs_are_dropped_unrun() -> None:
         expired.future.result(5)
     assert model.batches == [1, 1]  # only the blocker and `kept` ran
     dropped = [
-        b.metrics.registry.get_sample_value("esc50_requests_dropped_total", {"reason": r})
+        b.metrics.registry.get_sample_value("esc50_requests_dropped_total", {**MV, "reason": r})
         for r in ("client_gone", "deadline")
     ]
     assert dropped == [1, 1]
@@ -167,7 +169,7 @@ def test_queue_is_bounded_by_expected_wait() -> None:
     """After timing batches, the admission refuses once the windows ahead would take longer
     than max_queue_wait_s, whatever the count; and lets requests in again as the queue drains."""
     model = FakeModel(delay=0.05)  # 4-window batches: ~12 ms per window
-    metrics = Metrics()
+    metrics = Metrics().for_version("m", "1")
     opts = {"max_batch_size": 4, "max_wait_s": 0.0, "max_queue_size": 100}
     b = Batcher(model, max_queue_wait_s=0.2, metrics=metrics, **opts)
     b.start()

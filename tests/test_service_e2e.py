@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import hashlib
 import io
 import re
 import socket
@@ -57,6 +58,10 @@ def probs(r: httpx.Response) -> dict[str, float]:
     return {p["label"]: p["probability"] for p in r.json()["predictions"]}
 
 
+# the tiny model's per-version series carry these labels (prometheus_client sorts labels)
+TINY = 'model="tiny",version="1"'
+
+
 def metric(base: str, series: str) -> float:
     """One series of /metrics, as written there (labels included); 0 before it is first set."""
     return scrape_metrics(base).get(series, 0.0)
@@ -65,7 +70,8 @@ def metric(base: str, series: str) -> float:
 def assert_error(r: httpx.Response, status: int, code: str) -> str:
     assert r.status_code == status, r.text
     body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "request_id"}
+    assert body["error"]["request_id"] == r.headers["x-request-id"]
     assert body["error"]["code"] == code
     return body["error"]["message"]
 
@@ -119,11 +125,14 @@ def reference(server: str) -> dict[int, dict[str, float]]:
     return {i: probs(post(server, body, params={"top_k": 5})) for i, body in CLIPS.items()}
 
 
-def test_classify_raw_and_multipart(server: str) -> None:
+def test_classify_raw_and_multipart(server: str, tiny_onnx: Path) -> None:
     r = post(server, CLIPS[0], params={"top_k": 3})
     body = r.json()
     assert r.status_code == 200
-    assert body["model"] == {"name": "tiny", "version": body["model"]["version"], "variant": "fp32"}
+    # a one-file model (ESC50_MODEL_PATH) is version 1 of the model its metadata names; the
+    # artifact's bytes are named by their hash
+    sha = hashlib.sha256(tiny_onnx.read_bytes()).hexdigest()[:12]
+    assert body["model"] == {"name": "tiny", "version": "1", "variant": "fp32", "sha256": sha}
     assert [p["label"] for p in body["predictions"]] == list(probs(r))
     assert len(body["predictions"]) == 3 and body["windows"] == 1 and body["timeline"] is None
     assert (body["duration_s"], body["sample_rate"], body["channels"]) == (5.0, SR, 1)
@@ -164,15 +173,18 @@ def test_models_health_and_openapi(server: str) -> None:
 def test_concurrent_requests_are_batched_and_unchanged(server: str, reference: dict) -> None:
     """16 different clips at once: batches > 1 form, and every answer equals the clip's answer
     when it was alone (batching invariance, exact floats)."""
-    count0, sum0 = metric(server, "esc50_batch_size_count"), metric(server, "esc50_batch_size_sum")
+    count0, sum0 = (
+        metric(server, f"esc50_batch_size_count{{{TINY}}}"),
+        metric(server, f"esc50_batch_size_sum{{{TINY}}}"),
+    )
     results = burst(server, list(CLIPS.values()))
     for i, (r, _) in enumerate(results):
         assert probs(r) == reference[i]
-    batches = metric(server, "esc50_batch_size_count") - count0
-    windows = metric(server, "esc50_batch_size_sum") - sum0
+    batches = metric(server, f"esc50_batch_size_count{{{TINY}}}") - count0
+    windows = metric(server, f"esc50_batch_size_sum{{{TINY}}}") - sum0
     assert windows == 16 and batches < 16, f"{windows} windows in {batches} batches"
-    assert metric(server, 'esc50_batch_size_bucket{le="1.0"}') < metric(
-        server, "esc50_batch_size_count"
+    assert metric(server, f'esc50_batch_size_bucket{{le="1.0",{TINY}}}') < metric(
+        server, f"esc50_batch_size_count{{{TINY}}}"
     )
 
 
@@ -264,7 +276,7 @@ def test_upload_limit_is_enforced_while_streaming(server: str) -> None:
 
 def test_still_correct_after_bad_inputs(server: str, reference: dict) -> None:
     assert probs(post(server, CLIPS[5])) == reference[5]
-    assert metric(server, "esc50_batch_failures_total") == 0
+    assert metric(server, f"esc50_batch_failures_total{{{TINY}}}") == 0
 
 
 # --- a server with a controllable backend: overload, deadline, failures, auth ------------------
@@ -333,7 +345,9 @@ def test_overload_gives_quick_503s_and_correct_answers(ctl, reference: dict) -> 
         assert "queue is full" in assert_error(r, 503, "overloaded")
         assert r.headers["retry-after"] == "2" and dt < 1.0
     assert elapsed < 15
-    assert metric(base, 'esc50_requests_rejected_total{reason="queue_full"}') == len(rejected)
+    assert metric(
+        base, 'esc50_requests_rejected_total{model="tiny",reason="queue_full",version="1"}'
+    ) == len(rejected)
     assert probs(post(base, CLIPS[0], headers=AUTH)) == reference[0]
 
 
@@ -382,7 +396,7 @@ def test_backend_exception_is_a_plain_500_then_recovers(ctl, reference: dict) ->
     assert assert_error(r, 500, "internal") == "internal error"
     assert "secret" not in r.text
     assert probs(post(base, CLIPS[2], headers=AUTH)) == reference[2]
-    assert metric(base, "esc50_batch_failures_total") == 1
+    assert metric(base, f"esc50_batch_failures_total{{{TINY}}}") == 1
 
 
 def test_client_that_went_away_is_dropped(ctl) -> None:
@@ -398,7 +412,10 @@ def test_client_that_went_away_is_dropped(ctl) -> None:
     finally:
         backend.delay = 0.0
     time.sleep(0.3)
-    assert metric(base, 'esc50_requests_dropped_total{reason="client_gone"}') == 1
+    assert (
+        metric(base, 'esc50_requests_dropped_total{model="tiny",reason="client_gone",version="1"}')
+        == 1
+    )
 
 
 GUARDED = ("/v1/classify", "/classify", "/v1/explain")  # the inference routes

@@ -204,3 +204,19 @@ def test_bad_batching_and_missing_artifacts_are_one_line_errors(tmp_path):
         write_repository(tmp_path / "x", tmp_path, TritonConfig(preferred_batch_sizes=(32,)))
     with pytest.raises(ExportError, match="no servable artifact"):
         write_repository(tmp_path / "missing", tmp_path, TritonConfig())
+
+
+def test_the_triton_repository_is_a_model_repository_this_service_serves(tmp_path):
+    """Issue 16: `make export-triton`'s folder and the service's model repository are one
+    layout: pointed at it, the service lists every model the export wrote (Triton reads its
+    config.pbtxt, the service the ONNX metadata beside it)."""
+    from service.repository import RepositorySource
+    from service.settings import Settings
+
+    written = write_repository(SHIPPED, tmp_path, TritonConfig())
+    source = RepositorySource(tmp_path, Settings(model_repository=tmp_path))
+    assert source.models() == sorted(d.name for d in written)
+    (version,) = source.versions("esc50-resnet34-int8").values()
+    assert (
+        version.version == 1 and version.artifact == tmp_path / "esc50-resnet34-int8/1/model.onnx"
+    )

@@ -194,14 +194,19 @@ def evaluate_main(argv: list[str]) -> int:
     import numpy as np
 
     from . import data as D
+    from .calibration import softmax
     from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
     from .evaluate import classification_metrics, predict, write_report
+    from .folder_data import FolderSelection, mean_by_clip, select_source
 
     p = argparse.ArgumentParser(
-        prog="python -m train evaluate", description="Evaluate a checkpoint on labelled clips."
+        prog="python -m train evaluate",
+        description="Evaluate a checkpoint on labelled clips: ESC-50's layout or a labelled "
+        "folder (DATA/<label>/... or DATA/labels.csv; a clip longer than 5 s is scored as the "
+        "mean of its windows' probabilities, as the service answers).",
     )
     p.add_argument("checkpoint")
-    p.add_argument("--data-root", default=D.DEFAULT_DATA_ROOT)
+    p.add_argument("--data-root", default=D.DEFAULT_DATA_ROOT, help="ESC-50 or a labelled folder")
     p.add_argument("--folds", type=_parse_folds, default=None)
     p.add_argument("--esc10", action="store_true")
     p.add_argument("--out-dir", default="reports")
@@ -209,20 +214,28 @@ def evaluate_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         ckpt = load_checkpoint(args.checkpoint)
-        sel = D.select(args.data_root, args.folds, args.esc10)
+        sel = select_source(args.data_root, args.folds, args.esc10)
+        labels = list(ckpt["labels"])
+        folder = isinstance(sel, FolderSelection)  # its labels are names, in its own order
+        if folder and (unknown := sorted({c.category for c in sel.clips} - set(labels))):
+            raise DataError(f"classes the checkpoint does not know: {', '.join(unknown)}")
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model = model_from_checkpoint(ckpt)
     logits = predict(model, D.load_waveforms(sel.clips))
-    y = np.array([c.target for c in sel.clips])
-    metrics = classification_metrics(y, logits.argmax(1), ckpt["labels"])
+    y = np.array([labels.index(c.category) if folder else c.target for c in sel.clips])
+    if folder:  # windows -> clips, as the service answers
+        temperature = (ckpt.get("calibration") or {}).get("temperature", 1.0)
+        _, probs, y = mean_by_clip([c.stem for c in sel.clips], softmax(logits, temperature), y)
+        logits = np.log(np.clip(probs, 1e-12, None))
+    metrics = classification_metrics(y, logits.argmax(1), labels)
     paths = write_report(
         args.out_dir,
         args.name,
         metrics,
-        ckpt["labels"],
-        {"checkpoint": args.checkpoint, **sel.describe()},
+        labels,
+        {"checkpoint": args.checkpoint, "data": args.data_root, **sel.describe()},
     )
     print(
         json.dumps(
@@ -270,11 +283,41 @@ def card_main(argv: list[str]) -> int:
     return 0
 
 
+def finetune_main(argv: list[str]) -> int:
+    from .finetune import main
+
+    return main(argv)
+
+
+def esc10_folder_main(argv: list[str]) -> int:
+    """ESC-10 (or all of ESC-50) re-laid out as a labelled folder of symlinks + labels.csv."""
+    from .folder_data import esc50_as_folder
+
+    p = argparse.ArgumentParser(
+        prog="python -m train esc10-folder",
+        description="Lay ESC-10 out as OUT/<label>/<clip> symlinks and OUT/labels.csv "
+        "(group = source recording), the layout `python -m train finetune` reads.",
+    )
+    p.add_argument("out")
+    p.add_argument("--data-root", default=DEFAULT_DATA_ROOT)
+    p.add_argument("--all", action="store_true", help="all 50 classes, not the ESC-10 subset")
+    args = p.parse_args(argv)
+    try:
+        info = esc50_as_folder(args.data_root, args.out, esc10=not args.all)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2))
+    return 0
+
+
 COMMANDS = {
     "calibrate": calibrate_main,
     "card": card_main,
     "compare": compare_main,
     "cv": cv_main,
+    "esc10-folder": esc10_folder_main,
+    "finetune": finetune_main,
     "throughput": throughput_main,
     "throughput-report": throughput_report_main,
     "download": download_main,

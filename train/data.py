@@ -32,7 +32,8 @@ class Clip:
     target: int
     category: str
     esc10: bool
-    src_file: str
+    src_file: str  # the group: clips of one source recording stay on one side of a split
+    offset: int = 0  # first sample of this 5-s window in the decoded clip (a longer clip's)
 
 
 @dataclass
@@ -165,8 +166,11 @@ def load_waveforms(
 ) -> np.ndarray:
     """All clips decoded into one (len(clips), n) float32 array (651 clips ~ 0.6 GB)."""
     out = np.zeros((len(clips), n), dtype=np.float32)
+    path, audio = None, np.zeros(0, np.float32)
     for i, c in enumerate(clips):
-        out[i] = load_clip(c.path, n, sample_rate)
+        if c.path != path:  # the windows of a long clip follow each other: decode it once
+            path, audio = c.path, load_audio(c.path, sample_rate)
+        out[i] = fit_length(audio[c.offset :], n)
     return out
 
 

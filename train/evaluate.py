@@ -78,6 +78,16 @@ def plot_confusion(cm: np.ndarray, labels: list[str], path: str | Path, title: s
     plt.close(fig)
 
 
+def confusion_markdown(cm: np.ndarray, labels: list[str]) -> str:
+    """The confusion matrix as a markdown table (rows: true class, columns: predicted)."""
+    head = "| true \\ predicted | " + " | ".join(labels) + " |"
+    rows = [
+        f"| {lab} | " + " | ".join(str(int(v)) for v in row) + " |"
+        for lab, row in zip(labels, cm, strict=True)
+    ]
+    return "\n".join([head, "|---" * (len(labels) + 1) + "|", *rows])
+
+
 def write_report(
     out_dir: str | Path, name: str, metrics: dict, labels: list[str], context: dict
 ) -> dict:
@@ -112,5 +122,13 @@ def write_report(
         for r in metrics["per_class"]
     ]
     lines += ["", f"![confusion matrix]({paths['png'].name})", ""]
+    if len(labels) <= 20:  # a table stays readable up to about this many classes
+        cm = np.array(metrics["confusion"])
+        lines += [
+            "Confusion (rows: true, columns: predicted):",
+            "",
+            confusion_markdown(cm, labels),
+            "",
+        ]
     paths["md"].write_text("\n".join(lines))
     return {k: str(v) for k, v in paths.items()}

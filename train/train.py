@@ -17,6 +17,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from .augment import AugmentConfig, Augmenter
 from .checkpoint import code_version, load_checkpoint, save_checkpoint
 from .distill import Teacher, distill_loss, load_teacher, teacher_paths
 from .evaluate import classification_metrics, predict, write_report
+from .folder_data import select_source, splits_for
 from .frontend import FrontendConfig
 from .model import AudioClassifier, ModelConfig
 
@@ -82,6 +84,8 @@ class TrainConfig:
     teachers_dir: list[str] = field(default_factory=list)  # folders: every final.pt teaches
     distill_alpha: float = 0.5  # weight of the teacher's KL term (1 - alpha: the labels)
     distill_temperature: float = 2.0  # softmax temperature of the KL term
+    init_from: str = ""  # start from this checkpoint's front-end + CNN, a new classifier head
+    freeze_stages: int = 0  # with init_from: the stem and this many first stages stay fixed
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
@@ -173,6 +177,7 @@ class Run:
     amp: torch.dtype | None = None  # autocast dtype of the CNN (None: FP32)
     teacher: Teacher | None = None  # distillation: the ensemble whose logits the CNN learns
     last_kl: float = 0.0  # the last step's KL to the teacher (0 without one)
+    on_step: Callable[[], None] | None = None  # called after every step (a caller's progress)
 
 
 def seed_everything(seed: int) -> None:
@@ -182,12 +187,13 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_data(cfg: TrainConfig):
-    sel = D.select(cfg.data_root, cfg.folds, cfg.esc10)
+    sel = select_source(cfg.data_root, cfg.folds, cfg.esc10)  # ESC-50 or a labelled folder
+    split_holdout, split_kfold = splits_for(sel)
     split_seed = cfg.seed if cfg.split_seed < 0 else cfg.split_seed
     if cfg.cv_folds:
-        train_clips, val_clips = D.split_kfold(sel.clips, cfg.cv_folds, cfg.cv_index, split_seed)
+        train_clips, val_clips = split_kfold(sel.clips, cfg.cv_folds, cfg.cv_index, split_seed)
     elif cfg.val_fraction > 0:
-        train_clips, val_clips = D.split_holdout(sel.clips, cfg.val_fraction, split_seed)
+        train_clips, val_clips = split_holdout(sel.clips, cfg.val_fraction, split_seed)
     else:
         train_clips, val_clips = sel.clips, []
     if cfg.max_clips:
@@ -249,6 +255,10 @@ def setup(cfg: TrainConfig) -> Run:
 
     model_cfg = ModelConfig(**{**asdict(cfg.model), "n_classes": len(labels)})
     model = AudioClassifier(model_cfg, FrontendConfig()).to(device)
+    if cfg.init_from:
+        from .finetune import start_from  # finetune imports this module
+
+        info_init = start_from(model, cfg.init_from, labels, cfg.freeze_stages)
     if cfg.channels_last and device.type == "cuda":
         model.cnn.to(memory_format=torch.channels_last)
     cnn: nn.Module = model.cnn
@@ -260,11 +270,12 @@ def setup(cfg: TrainConfig) -> Run:
     steps_per_epoch = math.ceil(len(train_clips) / (cfg.batch_size * world))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(  # >= 2 warm-up steps: tiny runs stay defined
-        opt,
-        max_lr=cfg.lr,
-        total_steps=total_steps,
-        pct_start=min(0.5, max(cfg.warmup_pct, 2.5 / total_steps)),
+    # OneCycleLR divides by the warm-up's length (pct_start * total_steps - 1 steps) and by the
+    # rest's: >= 2 warm-up steps where there are enough, and a 2-step run splits 1.5 / 0.5
+    # (0.5 / 0.5 would make the warm-up 0 steps long: a ZeroDivisionError)
+    pct_start = min(0.5, max(cfg.warmup_pct, 2.5 / total_steps)) if total_steps != 2 else 0.75
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=pct_start
     )
     start_epoch, metrics = 0, {}
     if cfg.resume and (out_dir / "last.pt").is_file():
@@ -281,6 +292,8 @@ def setup(cfg: TrainConfig) -> Run:
         waves, targets, len(labels), augment_config(cfg, FrontendConfig().sample_rate), gen
     )
     info = {"train_config": _jsonable(cfg), "data": data_info, "code_version": code_version()}
+    if cfg.init_from:
+        info["init_from"] = info_init
     amp = autocast_dtype(cfg.amp, device)
     info["amp"] = str(amp).removeprefix("torch.") if amp else "fp32"
     teacher = setup_teacher(cfg, labels, model, val_clips, device)
@@ -431,6 +444,8 @@ def train_epoch(run: Run, epoch: int) -> dict:
             idx = order[: cfg.batch_size]
         trained += idx.tolist()
         loss, correct = train_step(run, idx)
+        if run.on_step is not None:
+            run.on_step()
         sums[0] += loss * len(idx)
         sums[1] += correct
         sums[2] += len(idx)

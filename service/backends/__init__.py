@@ -19,7 +19,7 @@ from service.settings import Settings
 
 
 class Backend(Protocol):
-    name: str  # "onnxruntime" | "tensorrt"
+    name: str  # "onnxruntime" | "tensorrt" | "triton"
     provider: str  # the execution provider / device actually running, e.g. "CPUExecutionProvider"
     metadata: ArtifactMetadata
     max_batch_size: int | None  # the engine's own limit (TensorRT profile); None = any
@@ -39,6 +39,7 @@ class BackendUnavailable(RuntimeError):
 _BACKENDS = {
     "onnxruntime": ("service.backends.ort", "OrtBackend", "pip install .[serve]  (onnxruntime)"),
     "tensorrt": ("service.backends.trt", "TrtBackend", "pip install .[gpu]  (tensorrt, CUDA)"),
+    "triton": ("service.backends.triton", "TritonBackend", "pip install .[serve]  (tritonclient)"),
 }
 
 

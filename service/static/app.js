@@ -98,6 +98,39 @@ async function post(path, blob) {
   return body;
 }
 
+// --- which model answers (the repository's loaded versions, GET /v1/models) ----------------
+
+// The chosen model's route for `action` (classify, explain, stream): "" = the default model,
+// "name" = that model's default version, "name/versions/v" = one version.
+function modelRoute(action) {
+  const choice = $("model").value;
+  if (choice) return `v1/models/${choice}/${action}`;
+  return action === "classify" ? "v1/classify" : `v1/${action}`;
+}
+
+async function loadModels() {
+  let listing;
+  try {
+    listing = await (await fetch("v1/models")).json();
+  } catch (e) {
+    return; // the default model still answers
+  }
+  const select = $("model");
+  const keep = select.value;
+  const options = [new Option(`the default model (${listing.default_model})`, "")];
+  const names = [...new Set(listing.models.map((m) => m.name))];
+  for (const name of names) {
+    const versions = listing.models.filter((m) => m.name === name);
+    options.push(new Option(`${name} (its default version)`, name));
+    for (const m of versions) {
+      options.push(new Option(`${name} version ${m.version} (${m.variant})`,
+                              `${name}/versions/${m.version}`));
+    }
+  }
+  select.replaceChildren(...options);
+  select.value = options.some((o) => o.value === keep) ? keep : "";
+}
+
 // --- one sound -------------------------------------------------------------------------------
 
 async function analyse(blob, decoded) {
@@ -108,11 +141,11 @@ async function analyse(blob, decoded) {
   drawWaveform(decoded);
   $("explain").hidden = false;
   $("explain-status").textContent = "Explaining…";
-  const explained = post("v1/explain", blob);
+  const explained = post(modelRoute("explain"), blob);
   explained.catch(() => {}); // handled below, once the classification is known
   let result;
   try {
-    result = await post("v1/classify", blob);
+    result = await post(modelRoute("classify"), blob);
   } catch (e) {
     if (run !== state.run) return;
     setStatus("");
@@ -122,6 +155,7 @@ async function analyse(blob, decoded) {
   }
   if (run !== state.run) return;
   showClassification(result);
+  loadModels(); // versions come and go (the repository swaps them): the list follows
   setStatus(`Classified in ${result.windows} window${result.windows > 1 ? "s" : ""}.`);
   try {
     const explanation = await explained;
@@ -152,10 +186,11 @@ function showError(text) {
   $("error").hidden = !text;
 }
 
-function showClassification(r) {
-  const pct = (p) => `${(100 * p).toFixed(1)}%`;
-  $("top-label").textContent = r.predictions[0].label;
-  $("predictions").replaceChildren(...r.predictions.map((p) => {
+const pct = (p) => `${(100 * p).toFixed(1)}%`;
+
+// The top-k bars (the upload's answer, and the live window's).
+function showPredictions(list, predictions) {
+  list.replaceChildren(...predictions.map((p) => {
     const li = document.createElement("li");
     li.innerHTML = '<span class="label"></span><span class="track"><span class="fill"></span>' +
       '</span><span class="pct"></span>';
@@ -165,9 +200,15 @@ function showClassification(r) {
     li.setAttribute("aria-label", `${p.label}: ${pct(p.probability)}`);
     return li;
   }));
+}
+
+function showClassification(r) {
+  $("top-label").textContent = r.predictions[0].label;
+  showPredictions($("predictions"), r.predictions);
   const m = r.model;
   $("meta").textContent = `${r.duration_s.toFixed(2)} s of ${r.format}, ${r.sample_rate} Hz, ` +
-    `${r.channels} channel${r.channels > 1 ? "s" : ""} · model ${m.name} (${m.variant})`;
+    `${r.channels} channel${r.channels > 1 ? "s" : ""} · model ${m.name} version ${m.version} ` +
+    `(${m.variant})`;
   showTimeline(r);
   $("result").hidden = false;
 }
@@ -371,6 +412,146 @@ async function finishRecording(stream, chunks, mimeType) {
   analyse(encodeWav(decoded), decoded);
 }
 
+// --- live: microphone -> AudioWorklet -> PCM frames -> WS /v1/stream (docs/streams.md) -------
+
+const LIVE_SEND_S = 0.1; // seconds of audio per WebSocket message
+const LIVE_KEEP = 60; // windows kept on the rolling timeline
+const live = { ws: null, ctx: null, node: null, stream: null, frames: [], queued: 0 };
+
+// One colour per label, fixed by its index: golden-angle hues stay apart for neighbours.
+const labelColour = (index) => `hsl(${(index * 137.508) % 360} 62% 42%)`;
+
+function streamUrl() {
+  const url = new URL(modelRoute("stream"), document.baseURI);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  return url.href;
+}
+
+// Browsers cannot set headers on a WebSocket: the token travels as a subprotocol,
+// "bearer." + base64url (no padding), beside "esc50-stream" (the one the service picks).
+function streamProtocols() {
+  const token = $("token").value.trim();
+  if (!token) return ["esc50-stream"];
+  const bytes = new TextEncoder().encode(token);
+  const b64 = btoa(String.fromCharCode(...bytes));
+  return ["esc50-stream", `bearer.${b64.replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "")}`];
+}
+
+function toggleLive() {
+  if (live.ws) stopLive();
+  else startLive();
+}
+
+async function startLive() {
+  if (!navigator.mediaDevices || !window.AudioWorkletNode) {
+    showError("Listening live needs a browser with microphone access over https or on localhost.");
+    return;
+  }
+  showError("");
+  let stream;
+  try { // the raw signal: the browser's voice processing would change what the model hears
+    stream = await navigator.mediaDevices.getUserMedia({
+      audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false,
+        autoGainControl: false },
+    });
+  } catch (e) {
+    showError(`No microphone: ${e.message || e.name}`);
+    return;
+  }
+  // At the model's rate, so the service does not resample and a window is exactly the
+  // samples sent.
+  const ctx = new AudioContext({ sampleRate: RECORD_RATE });
+  await ctx.audioWorklet.addModule("static/pcm-worklet.js");
+  const node = new AudioWorkletNode(ctx, "pcm-capture");
+  const mute = ctx.createGain();
+  mute.gain.value = 0; // pulled by the destination so it runs; nothing is played back
+  ctx.createMediaStreamSource(stream).connect(node).connect(mute).connect(ctx.destination);
+  const ws = new WebSocket(streamUrl(), streamProtocols());
+  Object.assign(live, { ws, ctx, node, stream, frames: [], queued: 0 });
+  ws.binaryType = "arraybuffer";
+  ws.addEventListener("open", () => ws.send(JSON.stringify({
+    sample_rate: ctx.sampleRate, channels: 1, encoding: "pcm_f32le", hop_s: 1, top_k: TOP_K,
+  })));
+  ws.addEventListener("message", (ev) => liveEvent(JSON.parse(ev.data)));
+  ws.addEventListener("close", (ev) => liveClosed(ws, ev));
+  node.port.onmessage = (ev) => sendFrames(ws, ev.data, ctx.sampleRate);
+  $("live-timeline").replaceChildren();
+  $("live-predictions").replaceChildren();
+  $("live-label").textContent = "…";
+  $("live-model").textContent = "";
+  $("live-box").hidden = false;
+  $("live").setAttribute("aria-pressed", "true");
+  $("live").textContent = "Stop listening";
+  $("live-status").textContent = "Connecting…";
+}
+
+function sendFrames(ws, samples, rate) {
+  live.frames.push(samples);
+  live.queued += samples.length;
+  if (live.queued < LIVE_SEND_S * rate) return;
+  const pcm = new Float32Array(live.queued);
+  let at = 0;
+  for (const f of live.frames) { pcm.set(f, at); at += f.length; }
+  live.frames = [];
+  live.queued = 0;
+  if (ws.readyState === WebSocket.OPEN) ws.send(pcm.buffer); // little-endian on every CPU
+}
+
+function stopAudio() {
+  if (live.stream) live.stream.getTracks().forEach((t) => t.stop());
+  if (live.node) live.node.port.onmessage = null; // quanta still in flight are dropped
+  if (live.ctx) live.ctx.close();
+  live.stream = live.ctx = live.node = null;
+}
+
+// Stop: the microphone first, then {"type": "end"}; the service answers the last windows
+// and closes (liveClosed resets the button).
+function stopLive() {
+  stopAudio();
+  if (live.ws && live.ws.readyState === WebSocket.OPEN) {
+    live.ws.send(JSON.stringify({ type: "end" }));
+    $("live-status").textContent = "Stopping…";
+  } else if (live.ws) {
+    live.ws.close();
+  }
+}
+
+function liveEvent(e) {
+  if (e.type === "start") {
+    const m = e.model;
+    $("live-model").textContent = `Model ${m.name} version ${m.version} (${m.variant}) ` +
+      `answering: a ${e.window_s} s window every ${e.hop_s} s.`;
+    $("live-status").textContent = `Listening… the first label after ${e.window_s} s.`;
+  } else if (e.type === "window") {
+    const top = e.predictions[0];
+    $("live-label").textContent = top.label;
+    $("live-label").style.color = labelColour(top.index);
+    showPredictions($("live-predictions"), e.predictions);
+    const li = document.createElement("li");
+    li.textContent = top.label;
+    li.style.background = labelColour(top.index);
+    li.title = `${e.start_s.toFixed(1)}–${e.end_s.toFixed(1)} s: ${top.label} ${pct(top.probability)}`;
+    const timeline = $("live-timeline");
+    timeline.append(li);
+    while (timeline.children.length > LIVE_KEEP) timeline.firstElementChild.remove();
+    timeline.scrollLeft = timeline.scrollWidth;
+    const skipped = e.skipped ? ` (${e.skipped} windows skipped: the service is busy)` : "";
+    $("live-status").textContent = `Listening… ${e.end_s.toFixed(0)} s heard${skipped}.`;
+  } else if (e.type === "error") {
+    showError(`Live stream: ${e.message}`);
+  }
+}
+
+function liveClosed(ws, ev) {
+  if (live.ws !== ws) return;
+  stopAudio();
+  live.ws = null;
+  $("live").setAttribute("aria-pressed", "false");
+  $("live").textContent = "Listen live";
+  const why = ev.code === 1000 ? "Stopped." : `Stopped (${ev.code}${ev.reason ? `: ${ev.reason}` : ""}).`;
+  $("live-status").textContent = ev.code === 1012 ? "The service restarted: start again." : why;
+}
+
 // --- wiring ----------------------------------------------------------------------------------
 
 async function fromFile(file) {
@@ -380,6 +561,7 @@ async function fromFile(file) {
 }
 
 function init() {
+  loadModels();
   $("file").addEventListener("change", (ev) => fromFile(ev.target.files[0]));
   const drop = $("drop");
   drop.addEventListener("dragover", (ev) => {
@@ -393,6 +575,7 @@ function init() {
     fromFile(ev.dataTransfer.files[0]);
   });
   $("record").addEventListener("click", toggleRecording);
+  $("live").addEventListener("click", toggleLive);
   $("token-form").addEventListener("submit", (ev) => ev.preventDefault());
   $("show-cam").addEventListener("change", (ev) =>
     $("cam").classList.toggle("off", !ev.target.checked));
