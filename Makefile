@@ -146,7 +146,7 @@ FOLDWISE_REPORT ?= models/training/foldwise-int8.json
 # /v1/classify vs v2 REST (binary) vs v2 gRPC at saturation -> build/protocols.md
 # (RELEASE=1: loadtests/reports/protocols.md)
 bench-protocols:  ## the three protocols' throughput on the same clips
-	$(PY) -m loadtests.bench_protocols $(if $(filter 1,$(RELEASE)),--out loadtests/reports/protocols)
+	$(PY) -m loadtests.bench_protocols $(if $(filter 1,$(RELEASE)),--out loadtests/reports/protocols) $(BENCH_PROTOCOLS_ARGS)
 
 # concurrent live streams one replica sustains -> build/streams.md (RELEASE=1: loadtests/reports)
 bench-streams:  ## WS /v1/stream capacity at hop 1 s, with /v1/classify alongside

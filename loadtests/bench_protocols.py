@@ -133,14 +133,23 @@ async def run_protocol(proto: str, base: str, grpc_url: str, bodies: list[bytes]
     }
 
 
-def start_service(port: int, grpc_port: int) -> subprocess.Popen:
+def start_service(port: int, grpc_port: int, isolate: bool) -> subprocess.Popen:
     env = clean_env(
         ESC50_HOST="127.0.0.1",
         ESC50_PORT=str(port),
         ESC50_GRPC_PORT=str(grpc_port),
         ESC50_LOG_LEVEL="warning",
+        **({"ESC50_INTRA_OP_THREADS": "1"} if isolate else {}),
     )
-    return subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env)
+    pin = (lambda: os.sched_setaffinity(0, {SERVER_CPU})) if isolate else None
+    return subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env, preexec_fn=pin)
+
+
+# --isolate: the service on CPU 0 (one ONNX Runtime thread), this load generator on CPU 1, so
+# that a client library's own cost (Python HTTP/1.1 parsing in httpx against tritonclient's
+# C-core gRPC) does not show up as the server's: the figures compare what each protocol costs
+# the service.
+SERVER_CPU, CLIENT_CPU = 0, 1
 
 
 async def measure(base: str, grpc_url: str, args) -> list[dict]:
@@ -175,8 +184,13 @@ def markdown(report: dict) -> str:
         "# /v1/classify vs v2 REST (binary) vs v2 gRPC at saturation",
         "",
         f"- Command: `{report['command']}`",
-        f"- Date: {report['date']}; CPU: {report['cpu']} ({report['cpus']} CPUs, shared with "
-        "other work during the run; the load generator ran on the same CPUs)",
+        f"- Date: {report['date']}; CPU: {report['cpu']} ({report['cpus']} CPUs); "
+        + (
+            "the service pinned to CPU 0 (one ONNX Runtime thread), the load generator to CPU 1"
+            if a.get("isolate")
+            else "the load generator ran on the same CPUs as the service"
+        )
+        + f"; 1-min load average {report['load_before']:.2f} before the run",
         f"- Service: `python -m service`, the shipped int8 model, default settings; "
         f"{a['clips']} real clips sent as their files (decode on the server for all three); "
         f"{a['concurrency']} closed-loop workers per protocol, {a['rounds']} rounds x "
@@ -198,6 +212,9 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+LOAD_BEFORE = os.getloadavg()[0]  # other work on the machine, said in the report
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", type=int, default=6)
@@ -205,11 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--warmup-s", type=float, default=4)
     ap.add_argument("--clips", type=int, default=16)
+    ap.add_argument("--isolate", action="store_true", help="server on CPU 0, clients on CPU 1")
     # build/ by default: a run never rewrites the committed report unless --out names it
     ap.add_argument("--out", type=Path, default=REPO / "build" / "protocols")
     args = ap.parse_args(argv)
     port, grpc_port = free_port(), free_port()
-    proc = start_service(port, grpc_port)
+    proc = start_service(port, grpc_port, args.isolate)
+    if args.isolate:
+        os.sched_setaffinity(0, {CLIENT_CPU})
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, process_exited(proc), 300)
@@ -223,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
-        "cpus": len(os.sched_getaffinity(0)),
+        "cpus": os.cpu_count(),
+        "load_before": LOAD_BEFORE,
         "args": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows,
         "summary": summary(rows),

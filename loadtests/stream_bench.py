@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -94,12 +95,16 @@ async def level(base: str, n: int, seconds: float) -> dict:
     }
 
 
+LOAD_AT_START = os.getloadavg()[0]  # other work on the machine, said in the report
+
+
 def write_report(rows: list[dict], command: str, out: Path) -> None:
     lines = [
         "# Concurrent live streams on one replica",
         "",
         f"Command: `{command}`",
-        f"CPU: {cpu_model()} (2 cores), shared with other work while it ran; the stream and",
+        f"CPU: {cpu_model()} ({os.cpu_count()} CPUs), 1-min load average {LOAD_AT_START:.2f} "
+        "before the run; the stream and",
         "classify clients ran on the same machine. The shipped int8 model, default settings.",
         "Each stream: 16 kHz mono, 0.1 s messages at real time, hop 1 s; alongside, one client",
         "posting a 5 s clip to /v1/classify back to back.",

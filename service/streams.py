@@ -574,12 +574,14 @@ def _leased(app: FastAPI, name: str | None, version: str | None) -> Iterator[Cla
     repository = getattr(app.state, "repository", None)
     if not getattr(app.state, "accepting", False) or repository is None:
         raise Close(TRY_AGAIN_LATER, "the service is starting or draining; retry later")
-    try:
-        with repository.lease(name, version) as mv:
-            assert mv.classifier is not None
-            yield mv.classifier
-    except ServiceError as e:
-        raise Close(MODEL_NOT_FOUND if e.status == 404 else TRY_AGAIN_LATER, e.message) from None
+    with contextlib.ExitStack() as stack:
+        try:  # only resolving the version is a close; errors inside (a full queue) are not
+            mv = stack.enter_context(repository.lease(name, version))
+        except ServiceError as e:
+            code = MODEL_NOT_FOUND if e.status == 404 else TRY_AGAIN_LATER
+            raise Close(code, e.message) from None
+        assert mv.classifier is not None
+        yield mv.classifier
 
 
 async def _read_config(ws: WebSocket, settings: Settings) -> StreamConfig:

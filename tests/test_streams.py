@@ -404,3 +404,61 @@ def test_a_stream_through_haproxy_gives_the_direct_events(server, model: Path, t
     assert [e["type"] for e in through].count("window") == 3
     assert strip == [{k: v for k, v in e.items() if k != "latency_s"} for e in direct]
     assert "streams/replica1" in log, log[-2000:]
+
+
+def test_a_saturated_service_skips_windows_and_says_so(tiny_onnx: Path) -> None:
+    """When the batcher refuses a stream's windows (its queue is full of uploads), the stream
+    stays open: those windows are skipped, the next event counts them, the end says how many."""
+    from servers import serve
+
+    from service.backends import load_backend
+
+    class Slow:  # the real tiny model, 0.3 s per batch: uploads keep the one queue place taken
+        def __init__(self, inner) -> None:
+            self.inner, self.metadata = inner, inner.metadata
+            self.name, self.provider, self.max_batch_size = inner.name, inner.provider, None
+
+        def predict(self, x):
+            time.sleep(0.3)
+            return self.inner.predict(x)
+
+        def close(self) -> None:
+            self.inner.close()
+
+    settings = Settings(
+        model_path=tiny_onnx, intra_op_threads=1, max_queue_size=1, warmup=False, max_wait_ms=0
+    )
+    upload = io.BytesIO()
+    sf.write(upload, noise(5.0, SR, seed=4), SR, format="WAV", subtype="PCM_16")
+    stop = threading.Event()
+
+    def uploads(base: str) -> None:
+        with httpx.Client(timeout=30) as c:
+            while not stop.is_set():
+                c.post(f"{base}/v1/classify", content=upload.getvalue())
+
+    with serve(settings, lambda s, p: Slow(load_backend(s, p))) as base:
+        senders = [threading.Thread(target=uploads, args=(base,)) for _ in range(4)]
+        for t in senders:
+            t.start()
+        try:
+            pcm = to_int16(noise(12.0, SR, seed=5)).tobytes()
+            config = {"sample_rate": SR, "channels": 1, "encoding": "pcm_s16le", "hop_s": 0.5}
+            with connect(ws_url(base)) as ws:
+                ws.send(json.dumps(config))
+                assert json.loads(ws.recv(timeout=30))["type"] == "start"
+                for i in range(0, len(pcm), SR // 5 * 2):  # 0.2 s messages, at real time
+                    ws.send(pcm[i : i + SR // 5 * 2])
+                    time.sleep(0.2)
+                ws.send(json.dumps({"type": "end"}))
+                events = [json.loads(m) for m in ws]
+                code = ws.close_code
+        finally:
+            stop.set()
+            for t in senders:
+                t.join(30)
+    windows, end = [e for e in events if e["type"] == "window"], events[-1]
+    assert code == 1000 and end["type"] == "end", (code, end)
+    assert end["skipped"] > 0, "the full queue must have refused some windows"
+    assert end["windows"] + end["skipped"] == 15  # 12 s at hop 0.5: windows at 0 .. 7 s
+    assert sum(e["skipped"] for e in windows) <= end["skipped"]
