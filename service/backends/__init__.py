@@ -1,7 +1,7 @@
 """Inference backends behind one small contract, and the factory that picks one by name.
 
 A backend is loaded with its artifact (and refuses one whose metadata it cannot honour),
-then `warmup()` runs once per batch shape, then `predict(waveform) -> logits` is called from
+then `warmup()` runs the batch shapes, then `predict(waveform) -> logits` is called from
 the batcher's single worker thread.
 """
 
@@ -60,10 +60,11 @@ def load_backend(settings: Settings, model_path: Path) -> Backend:
 
 
 def warmup(backend: Backend, batch_sizes: Sequence[int]) -> None:
-    """Run each batch shape once on fixed noise; a model that answers non-finite is refused."""
+    """Run each batch size in `batch_sizes`, in that order, on fixed noise; a model that answers
+    non-finite is refused."""
     rng = np.random.default_rng(0)
     clip = backend.metadata.clip_samples
-    for b in sorted(set(batch_sizes)):
+    for b in batch_sizes:
         x = (0.05 * rng.standard_normal((b, clip))).astype(np.float32)  # (B, clip)
         y = backend.predict(x)
         if y.shape != (b, len(backend.metadata.labels)) or not np.isfinite(y).all():
