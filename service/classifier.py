@@ -138,9 +138,6 @@ class Classifier:
             for w, (s, b) in enumerate(zip(starts, best, strict=True))
         ]
 
-    def model_ref(self) -> ModelRef:
-        return self.ref
-
     def card(self, state: str, default: bool, memory_bytes: int | None = None) -> ModelCard:
         m = self.meta
         return ModelCard(

@@ -56,46 +56,24 @@ class Metrics:
             namespace=ns,
             registry=r,
         )
-        self.version_latency = Histogram(
+
+        def per_version(name: str, doc: str, buckets: tuple = LATENCY_BUCKETS) -> Histogram:
+            return Histogram(name, doc, mv, namespace=ns, buckets=buckets, registry=r)
+
+        self.version_latency = per_version(
             "inference_request_duration_seconds",
             "Arrival to answer of requests a model version answered",
-            mv,
-            namespace=ns,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
         )
-        self.decode_latency = Histogram(
-            "decode_duration_seconds",
-            "Decode + downmix + resample + windowing per request",
-            mv,
-            namespace=ns,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.decode_latency = per_version(
+            "decode_duration_seconds", "Decode + downmix + resample + windowing per request"
         )
-        self.queue_latency = Histogram(
-            "queue_duration_seconds",
-            "Wait from enqueue until a request's first window runs",
-            mv,
-            namespace=ns,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.queue_latency = per_version(
+            "queue_duration_seconds", "Wait from enqueue until a request's first window runs"
         )
-        self.inference_latency = Histogram(
-            "inference_duration_seconds",
-            "Backend compute time per batch",
-            mv,
-            namespace=ns,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.inference_latency = per_version(
+            "inference_duration_seconds", "Backend compute time per batch"
         )
-        self.batch_size = Histogram(
-            "batch_size",
-            "Windows per inference batch",
-            mv,
-            namespace=ns,
-            buckets=BATCH_BUCKETS,
-            registry=r,
-        )
+        self.batch_size = per_version("batch_size", "Windows per inference batch", BATCH_BUCKETS)
         self.queue_depth = Gauge(
             "queue_depth", "Requests waiting for inference", mv, namespace=ns, registry=r
         )

@@ -42,13 +42,13 @@ from service.errors import NotReady, ServiceError
 from service.explain import Explainer, explain_path
 from service.metrics import Metrics
 from service.schemas import ModelCard, ModelList, ModelRef, VersionStatus
-from service.settings import Settings
+from service.settings import VERSION_POLICY_PATTERN, Settings
 
 log = logging.getLogger(__name__)
 
 BackendLoader = Callable[[Settings, Path], Backend]
 STATES = ("loading", "ready", "unloading", "failed")
-_POLICY = re.compile(r"^(latest:[1-9][0-9]*|all|specific:[0-9]+(,[0-9]+)*)$")
+_POLICY = re.compile(VERSION_POLICY_PATTERN)
 
 
 class ModelNotLoaded(ServiceError):
@@ -267,12 +267,7 @@ class ModelVersion:
         self.explainer: Explainer | None = None
         self.memory_bytes: int | None = None
         self.users = 0  # requests holding a lease (event loop only)
-        self.loaded_at = 0.0
         self.error: Exception | None = None  # why it failed to load, as raised
-
-    @property
-    def ready(self) -> bool:
-        return self.state == "ready" and self.classifier is not None
 
     def status(self) -> VersionStatus:
         return VersionStatus(
@@ -301,6 +296,8 @@ class ModelRepository:
         self.settings, self.metrics, self.backend_loader = settings, metrics, backend_loader
         self.source = open_source(settings)
         self.global_policy = VersionPolicy.parse(settings.version_policy)
+        # chosen once: every request and probe asks for it, and the folder listing is disk I/O
+        self.default_model = settings.default_model or _default_model_of(self.source.models())
         # what answers: model -> {version: ModelVersion}, replaced whole on a swap (atomic
         # for the event loop); and each model's default version
         self.serving: dict[str, dict[str, ModelVersion]] = {}
@@ -313,15 +310,6 @@ class ModelRepository:
         self._unloaded: set[str] = set()  # unloaded by the control API: the poller leaves them
 
     # --- resolving a request's version ----------------------------------------------------
-
-    @property
-    def default_model(self) -> str | None:
-        if self.settings.default_model:
-            return self.settings.default_model
-        names = self.source.models()
-        if "esc50-resnet34" in names:
-            return "esc50-resnet34"
-        return names[0] if names else None
 
     def get(self, name: str | None = None, version: str | None = None) -> ModelVersion:
         """The ready version a request goes to; 404 if unknown, 503 if not (yet) loaded."""
@@ -370,7 +358,7 @@ class ModelRepository:
 
     def versions(self) -> list[ModelVersion]:
         every = [mv for vs in self.serving.values() for mv in vs.values()]
-        return sorted([*every, *self.other.values()], key=lambda m: (m.name, int(m.version)))
+        return sorted([*every, *self.other.values()], key=_order)
 
     def model_list(self) -> ModelList:
         cards: list[ModelCard] = []
@@ -427,7 +415,7 @@ class ModelRepository:
             for mv in opened:
                 if mv.state == "failed":
                     continue
-                await self._warm(mv)
+                await self._warm(mv, thorough=True)
                 if mv.state == "ready":
                     self._swap(mv.name, {**self.serving.get(mv.name, {}), mv.version: mv}, [])
         finally:
@@ -587,22 +575,26 @@ class ModelRepository:
                 f"({len(backend.metadata.labels)} vs {len(expected)} labels)"
             )
 
-    async def _warm(self, mv: ModelVersion) -> None:
-        """Every batch shape once, in a thread: never on the request path, never stalling the
+    async def _warm(self, mv: ModelVersion, thorough: bool = False) -> None:
+        """Run the batch shapes in a thread: never on the request path, never stalling the
         other versions' batchers. A version that fails its warm-up is unloaded and failed."""
         assert mv.classifier is not None
         before = resident_bytes() - (mv.memory_bytes or 0)
         if self.settings.warmup:
             t0 = time.perf_counter()
-            # Every batch size the batcher can form, ascending, then small and large ones in
-            # turn (1, 16, 2, 15, ...): ONNX Runtime's CPU arena grows when a large batch follows
-            # smaller ones that split its free blocks, and keeps what it grew. Driven to its
-            # plateau here, it does not grow later at a moment traffic decides (a 2-minute soak
-            # saw a ~90 MiB step mid-run; after this warm-up, 300 random batch sizes added
-            # 14 MiB in a test on the shipped int8 model).
-            ascending = list(range(1, mv.classifier.max_batch_size + 1))
-            pairs = zip(ascending, reversed(ascending), strict=True)
-            sizes = ascending + [n for pair in pairs for n in pair]
+            largest = mv.classifier.max_batch_size
+            sizes = [1, largest]
+            if thorough:
+                # At start-up, when nothing is served yet: every batch size, ascending, then
+                # small and large in turn (1, 16, 2, 15, ...). ONNX Runtime's CPU arena grows
+                # when a large batch follows smaller ones that split its free blocks, and keeps
+                # what it grew; driven to its plateau here, it does not grow later at a moment
+                # traffic decides (a 2-minute soak saw a ~90 MiB step mid-run; after this, 300
+                # random batch sizes added 14 MiB on the shipped int8 model). Not for a swap:
+                # under traffic its seconds of CPU made the serving version refuse requests.
+                ascending = list(range(1, largest + 1))
+                pairs = zip(ascending, reversed(ascending), strict=True)
+                sizes = ascending + [n for pair in pairs for n in pair]
             try:
                 await asyncio.to_thread(warmup, mv.classifier.backend, sizes)
             except Exception as e:
@@ -611,12 +603,11 @@ class ModelRepository:
                 self._set_state(mv, "failed", f"warm-up failed: {e}")
                 return
             log.info(
-                "warmed %s %s on batch sizes 1-%d in %.2f s",
-                *(mv.name, mv.version, len(ascending), time.perf_counter() - t0),
+                "warmed %s %s on %d batches (sizes 1-%d) in %.2f s",
+                *(mv.name, mv.version, len(sizes), largest, time.perf_counter() - t0),
             )
         mv.memory_bytes = max(0, resident_bytes() - before)
         self.metrics.version_memory.labels(mv.name, mv.version).set(mv.memory_bytes)
-        mv.loaded_at = time.time()
         self._set_state(mv, "ready")
 
     def _swap(
@@ -687,6 +678,13 @@ class ModelRepository:
             with contextlib.suppress(KeyError):
                 self.metrics.version_state.remove(mv.name, mv.version, s)
         self.metrics.forget_version(mv.name, mv.version)
+
+
+def _default_model_of(names: list[str]) -> str | None:
+    """The shipped model when the repository has it, else the first model."""
+    if "esc50-resnet34" in names:
+        return "esc50-resnet34"
+    return names[0] if names else None
 
 
 def _order(mv: ModelVersion) -> tuple[str, int]:

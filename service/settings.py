@@ -13,6 +13,8 @@ from contract.audio import MAX_CHANNELS, MAX_SAMPLE_RATE
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models"  # not the working directory: works from anywhere
 DEFAULT_REPOSITORY = DEFAULT_MODEL_DIR / "repository"
+# Triton's version policies as ESC50_VERSION_POLICY and policy.json spell them
+VERSION_POLICY_PATTERN = r"^(latest:[1-9][0-9]*|all|specific:[0-9]+(,[0-9]+)*)$"
 
 
 class Settings(BaseSettings):
@@ -33,9 +35,7 @@ class Settings(BaseSettings):
     default_model: str | None = None  # answers /v1/classify; None = esc50-resnet34, else first
     # versions kept loaded per model unless <repository>/<model>/policy.json says otherwise:
     # "latest:N", "all", or "specific:1,3" (Triton's version_policy)
-    version_policy: str = Field(
-        default="latest:1", pattern=r"^(latest:[1-9][0-9]*|all|specific:[0-9]+(,[0-9]+)*)$"
-    )
+    version_policy: str = Field(default="latest:1", pattern=VERSION_POLICY_PATTERN)
     max_loaded_versions: int = Field(default=4, ge=1)  # across all models; a load past it: 409
     repository_poll_s: float = Field(default=0.0, ge=0)  # > 0: load new version folders by polling
     # the control API (/v2/repository/...): off while unset, unless control_open (local use)

@@ -615,7 +615,7 @@ def _start_event(session: StreamSession, config: StreamConfig) -> dict[str, Any]
     c = session.classifier
     return {
         "type": "start",
-        "model": c.model_ref().model_dump(),
+        "model": c.ref.model_dump(),
         "labels": list(c.meta.labels),
         "sample_rate": session.source_rate,
         "channels": config.channels,

@@ -20,3 +20,18 @@ browser_marks = [
         not Path(CHROMIUM).is_file(), reason="needs Debian's chromium: apt-get install chromium"
     ),
 ]
+
+
+def launch_chromium(playwright, microphone: Path, *extra: str):
+    """Headless chromium whose fake microphone plays `microphone` (a WAV file), granted without
+    a prompt."""
+    return playwright.chromium.launch(
+        executable_path=CHROMIUM,
+        args=[
+            "--no-sandbox",  # CI runs as root
+            "--use-fake-ui-for-media-stream",  # grant the microphone without a prompt
+            "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={microphone}",
+            *extra,
+        ],
+    )

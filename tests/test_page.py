@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from browsers import CHROMIUM, HAVE_PLAYWRIGHT, REPORTS, browser_marks
+from browsers import HAVE_PLAYWRIGHT, REPORTS, browser_marks, launch_chromium
 from servers import serve
 
 from service.settings import Settings
@@ -68,15 +68,7 @@ def server(tiny_onnx: Path, tiny_explain_onnx: Path) -> Iterator[str]:
 def browser(clip: Path) -> Iterator[Browser]:
     REPORTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        b = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",  # CI runs as root
-                "--use-fake-ui-for-media-stream",  # grant the microphone without a prompt
-                "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={clip}",
-            ],
-        )
+        b = launch_chromium(p, clip)
         yield b
         b.close()
 

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from browsers import CHROMIUM, HAVE_PLAYWRIGHT, REPORTS, browser_marks
+from browsers import HAVE_PLAYWRIGHT, REPORTS, browser_marks, launch_chromium
 from servers import serve
 
 from contract.audio import read_audio
@@ -56,16 +56,7 @@ def server(request) -> Iterator[str]:
 def browser(clips: Path) -> Iterator[Browser]:
     REPORTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        b = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",  # CI runs as root
-                "--use-fake-ui-for-media-stream",  # grant the microphone without a prompt
-                "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={clips}",
-                "--autoplay-policy=no-user-gesture-required",
-            ],
-        )
+        b = launch_chromium(p, clips, "--autoplay-policy=no-user-gesture-required")
         yield b
         b.close()
 

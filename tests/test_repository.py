@@ -148,6 +148,16 @@ class Traffic:
                 r = c.post(path, content=body, headers={"content-type": "audio/wav"})
                 out.append((r.status_code, r.json().get("model", r.json())))
 
+    def until_every_client_sees(self, version: str, timeout: float = 60) -> None:
+        """Keep the traffic going until each client has had an answer from `version` (a slow
+        machine may take longer than a fixed pause), or the timeout."""
+        until = time.monotonic() + timeout
+        while time.monotonic() < until:
+            last = [rs[-1][1].get("version") if rs else None for rs in self.results.values()]
+            if len(last) == len(self.threads) and all(v == version for v in last):
+                return
+            time.sleep(0.1)
+
     def __enter__(self) -> Traffic:
         for t in self.threads:
             t.start()
@@ -181,9 +191,10 @@ def test_swap_rollback_and_failed_load_under_load(tmp_path: Path, tiny_onnx, tin
             time.sleep(1.0)
             publish(repo, "tiny", 2, tiny_int8)
             client.load_model("tiny", headers=ADMIN_HEADERS)
-            time.sleep(1.0)
+            traffic.until_every_client_sees("2")
         statuses = [s for rs in traffic.results.values() for s, _ in rs]
-        assert statuses and set(statuses) == {200}, f"failed requests: {statuses}"
+        failed = [body for rs in traffic.results.values() for s, body in rs if s != 200]
+        assert statuses and set(statuses) == {200}, f"failed requests: {failed}"
         for i, rs in traffic.results.items():
             versions = [m["version"] for _, m in rs]
             switch = versions.index("2")  # raises if this client never saw the new version
